@@ -1,0 +1,35 @@
+# Everything a fresh machine needs: `make test` builds the venv, provisions the ComfyUI host
+# and runs the linter and the tests. A second run only checks stamps.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEV_STAMP := $(VENV)/.dev-requirements-installed
+HOST_STAMP := .comfyui/.provisioned-0.3.75
+PYTEST_ARGS ?=
+
+.PHONY: test test-all lint host venv clean-host
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(DEV_STAMP): requirements-dev.txt requirements.txt | $(PY)
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+venv: $(DEV_STAMP)
+
+host: $(DEV_STAMP)
+	$(PY) scripts/provision_host.py
+
+lint: $(DEV_STAMP)
+	$(PY) -m ruff check .
+
+test: lint host
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Also the slow tests: full-width Flux and full-size SDXL through ComfyUI's real loaders.
+test-all: lint host
+	$(PY) -m pytest --run-slow $(PYTEST_ARGS)
+
+clean-host:
+	rm -rf .comfyui

@@ -1,0 +1,52 @@
+from comfy_api.latest import io
+
+from ..trainer_core.config import TARGET_PRESETS, LoraConfig
+
+CATEGORY = "LoRA Trainer"
+
+
+class LoraConfigNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LoraTrainer_LoraConfig",
+            display_name="LoRA Config",
+            category=CATEGORY,
+            description="Shape of the LoRA to train: rank, alpha, dropout and which layers it adapts.",
+            inputs=[
+                io.Int.Input("rank", default=16, min=1, max=256, tooltip="Rank of the LoRA matrices."),
+                io.Float.Input(
+                    "alpha", default=16.0, min=0.0, max=1024.0, step=0.5,
+                    tooltip="Scale numerator: the LoRA output is multiplied by alpha / rank.",
+                ),
+                io.Float.Input(
+                    "dropout", default=0.0, min=0.0, max=0.9, step=0.01,
+                    tooltip="Dropout applied to the LoRA input during training.", advanced=True,
+                ),
+                io.Combo.Input(
+                    "targets", options=list(TARGET_PRESETS), default="attention+mlp",
+                    tooltip="Which layers of every transformer block get a LoRA.",
+                ),
+                io.String.Input(
+                    "include", default="", tooltip="Comma-separated regular expressions; only matching layers are kept.",
+                    advanced=True,
+                ),
+                io.String.Input(
+                    "exclude", default="", tooltip="Comma-separated regular expressions; matching layers are dropped.",
+                    advanced=True,
+                ),
+            ],
+            outputs=[io.Custom("LORA_CONFIG").Output(display_name="lora_config")],
+        )
+
+    @classmethod
+    def execute(cls, rank, alpha, dropout, targets, include, exclude) -> io.NodeOutput:
+        config = LoraConfig(
+            rank=rank, alpha=alpha, dropout=dropout, targets=targets,
+            include=_patterns(include), exclude=_patterns(exclude),
+        )
+        return io.NodeOutput(config)
+
+
+def _patterns(text: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in text.split(",") if p.strip())

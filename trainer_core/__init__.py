@@ -1,0 +1,1 @@
+"""The LoRA training engine: importable and testable without a running ComfyUI server."""

@@ -1,0 +1,119 @@
+"""Plain configuration dataclasses. Each validates itself and names the field that is wrong."""
+
+import re
+from dataclasses import asdict, dataclass, field, fields
+
+# Preset name -> kinds of layers adapted (see families.base.LayerKind).
+TARGET_PRESETS = {
+    "attention": ("attention",),
+    "attention+mlp": ("attention", "mlp"),
+    "all-linear": ("attention", "mlp", "linear"),
+    "attention+mlp+conv": ("attention", "mlp", "conv"),
+}
+OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "prodigy")
+SCHEDULES = ("constant", "constant_with_warmup", "cosine", "linear")
+PRECISIONS = ("bf16", "fp16", "fp32")
+TIMESTEP_SAMPLING = ("logit_normal", "uniform", "sigmoid")
+LOSSES = ("mse", "huber")
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the field and what to use instead."""
+
+
+def _require(condition: bool, owner: str, name: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{owner}.{name}: {message}")
+
+
+def _one_of(owner: str, name: str, value, allowed) -> None:
+    _require(value in allowed, owner, name, f"{value!r} is not one of {', '.join(map(repr, allowed))}")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: str = "attention+mlp"
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        owner = "lora"
+        _require(isinstance(self.rank, int) and self.rank >= 1, owner, "rank", f"must be an integer >= 1, got {self.rank!r}")
+        _require(self.alpha > 0, owner, "alpha", f"must be > 0, got {self.alpha!r}")
+        _require(0.0 <= self.dropout < 1.0, owner, "dropout", f"must be in [0, 1), got {self.dropout!r}")
+        _one_of(owner, "targets", self.targets, TARGET_PRESETS)
+        for name in ("include", "exclude"):
+            for pattern in getattr(self, name):
+                try:
+                    re.compile(pattern)
+                except re.error as error:
+                    raise ConfigError(f"{owner}.{name}: {pattern!r} is not a valid regular expression ({error})") from None
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    @property
+    def layer_kinds(self) -> tuple[str, ...]:
+        return TARGET_PRESETS[self.targets]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    learning_rate: float = 1e-4
+    batch_size: int = 1
+    gradient_accumulation: int = 1
+    optimizer: str = "adamw"
+    weight_decay: float = 0.01
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    precision: str = "bf16"
+    gradient_checkpointing: bool = True
+    seed: int = 0
+    loss: str = "mse"
+    huber_delta: float = 0.1
+    # Rectified-flow families (SD3, Flux).
+    timestep_sampling: str = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    flux_guidance: float = 1.0
+    # Discrete-schedule family (SDXL).
+    noise_offset: float = 0.0
+    min_snr_gamma: float = 0.0
+    device: str = ""
+    log_every: int = 1
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        owner = "train"
+        for name in ("steps", "batch_size", "gradient_accumulation", "log_every"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value >= 1, owner, name, f"must be an integer >= 1, got {value!r}")
+        _require(self.learning_rate > 0, owner, "learning_rate", f"must be > 0, got {self.learning_rate!r}")
+        _require(self.warmup_steps >= 0, owner, "warmup_steps", f"must be >= 0, got {self.warmup_steps!r}")
+        _require(self.max_grad_norm >= 0, owner, "max_grad_norm", "must be >= 0 (0 turns clipping off)")
+        _require(self.weight_decay >= 0, owner, "weight_decay", f"must be >= 0, got {self.weight_decay!r}")
+        _one_of(owner, "optimizer", self.optimizer, OPTIMIZERS)
+        _one_of(owner, "schedule", self.schedule, SCHEDULES)
+        _one_of(owner, "precision", self.precision, PRECISIONS)
+        _one_of(owner, "timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLING)
+        _one_of(owner, "loss", self.loss, LOSSES)
+        _require(self.logit_std > 0, owner, "logit_std", f"must be > 0, got {self.logit_std!r}")
+        _require(self.noise_offset >= 0, owner, "noise_offset", f"must be >= 0, got {self.noise_offset!r}")
+        _require(self.min_snr_gamma >= 0, owner, "min_snr_gamma", "must be >= 0 (0 turns the weighting off)")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"train: unknown field(s) {', '.join(unknown)}; known fields are {', '.join(sorted(known))}")
+        return cls(**values)
