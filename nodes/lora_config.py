@@ -28,7 +28,8 @@ class LoraConfigNode(io.ComfyNode):
                     tooltip="Which layers of every transformer block get a LoRA.",
                 ),
                 io.String.Input(
-                    "include", default="", tooltip="Comma-separated regular expressions; only matching layers are kept.",
+                    "include", default="",
+                    tooltip="Comma-separated regular expressions; only matching layers are kept.",
                     advanced=True,
                 ),
                 io.String.Input(

@@ -41,7 +41,8 @@ class LoraConfig:
 
     def __post_init__(self):
         owner = "lora"
-        _require(isinstance(self.rank, int) and self.rank >= 1, owner, "rank", f"must be an integer >= 1, got {self.rank!r}")
+        rank_ok = isinstance(self.rank, int) and self.rank >= 1
+        _require(rank_ok, owner, "rank", f"must be an integer >= 1, got {self.rank!r}")
         _require(self.alpha > 0, owner, "alpha", f"must be > 0, got {self.alpha!r}")
         _require(0.0 <= self.dropout < 1.0, owner, "dropout", f"must be in [0, 1), got {self.dropout!r}")
         _one_of(owner, "targets", self.targets, TARGET_PRESETS)
@@ -50,7 +51,8 @@ class LoraConfig:
                 try:
                     re.compile(pattern)
                 except re.error as error:
-                    raise ConfigError(f"{owner}.{name}: {pattern!r} is not a valid regular expression ({error})") from None
+                    message = f"{pattern!r} is not a valid regular expression ({error})"
+                    raise ConfigError(f"{owner}.{name}: {message}") from None
 
     @property
     def scale(self) -> float:
@@ -85,7 +87,6 @@ class TrainConfig:
     # Discrete-schedule family (SDXL).
     noise_offset: float = 0.0
     min_snr_gamma: float = 0.0
-    device: str = ""
     log_every: int = 1
     extra: dict = field(default_factory=dict)
 
@@ -115,5 +116,7 @@ class TrainConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ConfigError(f"train: unknown field(s) {', '.join(unknown)}; known fields are {', '.join(sorted(known))}")
+            raise ConfigError(
+                f"train: unknown field(s) {', '.join(unknown)}; known fields are {', '.join(sorted(known))}"
+            )
         return cls(**values)

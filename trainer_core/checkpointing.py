@@ -1,0 +1,64 @@
+"""Per-block gradient checkpointing and other run-scoped changes to ComfyUI's modules."""
+
+import contextlib
+
+import torch
+import torch.utils.checkpoint
+from torch import nn
+
+
+def _copy_tensors(values):
+    return tuple(v.clone() if isinstance(v, torch.Tensor) else v for v in values)
+
+
+@contextlib.contextmanager
+def gradient_checkpointing(blocks: list[nn.Module], copy_inputs: bool):
+    """Each block becomes its own checkpoint: its activations are recomputed in backward.
+
+    `copy_inputs` is for blocks that add into their input tensors in place: the checkpoint
+    keeps the inputs to replay the block, so the block must work on copies of them.
+    """
+    for block in blocks:
+        block.forward = _checkpointed(block.forward, copy_inputs)
+    try:
+        yield
+    finally:
+        for block in blocks:
+            # Drops the instance attribute; the class's forward is back.
+            del block.forward
+
+
+def _checkpointed(forward, copy_inputs: bool):
+    def run(*args, **kwargs):
+        if copy_inputs:
+            args = _copy_tensors(args)
+            kwargs = dict(zip(kwargs, _copy_tensors(kwargs.values()), strict=True))
+        return forward(*args, **kwargs)
+
+    def checkpointed_forward(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
+
+    return checkpointed_forward
+
+
+def make_autograd_safe(module: nn.Module) -> int:
+    """Replaces inference-mode parameters and buffers with ordinary copies of equal value.
+
+    ComfyUI builds and loads models inside torch.inference_mode(); such tensors cannot be saved
+    for backward. On a GPU the move to the device already makes ordinary tensors, on the CPU it
+    does not. Returns how many tensors were copied.
+    """
+    copied = 0
+    with torch.inference_mode(False):
+        for owner in module.modules():
+            for name, param in list(owner._parameters.items()):
+                if param is not None and param.is_inference():
+                    owner._parameters[name] = nn.Parameter(param.clone(), requires_grad=False)
+                    copied += 1
+            for name, buffer in list(owner._buffers.items()):
+                if buffer is not None and buffer.is_inference():
+                    owner._buffers[name] = buffer.clone()
+                    copied += 1
+    return copied

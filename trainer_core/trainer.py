@@ -1,0 +1,298 @@
+"""The one training loop, for every family.
+
+Reads top to bottom: data order, schedule, optimizer, the Trainer (setup, loss, step, run).
+A run leaves ComfyUI's inference mode, installs the LoRA and the per-block checkpoints on the
+model's modules, and removes every one of them when it ends, also on error.
+"""
+
+import contextlib
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import comfy.model_management
+import torch
+import torch.nn.functional as F
+
+from .checkpointing import gradient_checkpointing, make_autograd_safe
+from .config import ConfigError, LoraConfig, TrainConfig
+from .families import family_for
+from .lora import LoraNetwork
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Sample:
+    """One training example: VAE latents (C, H, W) in the model's latent space, and the
+    family's conditioning tensors for it (see Family.conditioning)."""
+
+    latents: torch.Tensor
+    conditioning: dict[str, torch.Tensor]
+    key: str = ""
+
+
+class BatchOrder:
+    """A seeded, resumable order of batches: each epoch is a permutation of the samples, cut
+    into batches of samples with equal latent shape (aspect-ratio buckets). The sample
+    sequence does not depend on the batch size when every sample has the same shape."""
+
+    def __init__(self, shapes: Sequence[tuple[int, ...]], batch_size: int, seed: int):
+        self.shapes = list(shapes)
+        self.batch_size = batch_size
+        self.seed = seed
+
+    def epoch(self, epoch: int) -> list[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        permutation = torch.randperm(len(self.shapes), generator=generator).tolist()
+        open_batches: dict[tuple[int, ...], list[int]] = {}
+        batches = []
+        for index in permutation:
+            bucket = open_batches.setdefault(self.shapes[index], [])
+            bucket.append(index)
+            if len(bucket) == self.batch_size:
+                batches.append(open_batches.pop(self.shapes[index]))
+        batches.extend(open_batches.values())
+        return batches
+
+
+def lr_factor(step: int, schedule: str, warmup_steps: int, total_steps: int) -> float:
+    """Multiplier of the base learning rate at optimizer step `step` (0-based)."""
+    if schedule == "constant":
+        return 1.0
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if schedule == "constant_with_warmup":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0 - progress  # linear
+
+
+def build_optimizer(params: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    lr, decay = config.learning_rate, config.weight_decay
+    if config.optimizer == "adamw":
+        fused = all(p.is_cuda for p in params)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=decay, fused=fused or None)
+    if config.optimizer == "adamw8bit":
+        import bitsandbytes
+
+        return bitsandbytes.optim.AdamW8bit(params, lr=lr, weight_decay=decay)
+    if config.optimizer == "adafactor":
+        return torch.optim.Adafactor(params, lr=lr, weight_decay=decay)
+    try:
+        import prodigyopt
+    except ImportError:
+        raise ConfigError("train.optimizer: 'prodigy' needs the prodigyopt package (pip install prodigyopt)") from None
+    return prodigyopt.Prodigy(params, lr=lr, weight_decay=decay)
+
+
+@dataclass
+class StepReport:
+    step: int
+    total_steps: int
+    loss: float
+    lr: float
+    samples_seen: int
+
+
+@dataclass
+class DataPosition:
+    epoch: int = 0
+    batch: int = 0
+
+
+@dataclass
+class RunState:
+    """Everything besides weights and optimizer state that a resumed run needs."""
+
+    step: int = 0
+    samples_seen: int = 0
+    data: DataPosition = field(default_factory=DataPosition)
+
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Trainer:
+    def __init__(
+        self,
+        patcher,
+        samples: Sequence[Sample],
+        lora: LoraConfig,
+        config: TrainConfig,
+        network: LoraNetwork | None = None,
+    ):
+        if not samples:
+            raise ConfigError("dataset: it holds no samples; add images to the dataset folder")
+        self.patcher = patcher
+        self.config = config
+        self.lora_config = lora
+        self.family = family_for(patcher.model, config)
+        self.samples = list(samples)
+        self.order = BatchOrder([tuple(s.latents.shape) for s in self.samples], config.batch_size, config.seed)
+        # One generator for timesteps and noise, drawn per sample so that batching does not
+        # change the draws; dropout uses torch's global generator, seeded alongside it.
+        torch.manual_seed(config.seed)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.network = network or LoraNetwork.create(self.family.diffusion_model, self.family.layer_kind, lora)
+        self.state = RunState()
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scaler: torch.amp.GradScaler | None = None
+        self._batches: list[list[int]] = []
+
+    @property
+    def device(self) -> torch.device:
+        return self.patcher.load_device
+
+    # -- setup ---------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def session(self):
+        """The model on the training device, gradients on, LoRA and checkpoints installed."""
+        with torch.inference_mode(False), torch.enable_grad():
+            comfy.model_management.load_models_gpu([self.patcher], force_full_load=True)
+            diffusion_model = self.family.diffusion_model
+            make_autograd_safe(diffusion_model)
+            self.network.to(self.device)
+            self._prepare_samples()
+            if self.optimizer is None:
+                self.optimizer = build_optimizer(list(self.network.parameters()), self.config)
+                self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.config.precision == "fp16")
+            blocks = self.family.checkpoint_blocks() if self.config.gradient_checkpointing else []
+            try:
+                with (
+                    self.network.attached(diffusion_model),
+                    self.family.training_patches(),
+                    gradient_checkpointing(blocks, self.family.blocks_mutate_inputs),
+                ):
+                    self.network.train()
+                    yield self
+            finally:
+                self.network.eval()
+                comfy.model_management.soft_empty_cache()
+
+    def _prepare_samples(self) -> None:
+        # Tensors made under inference mode cannot be saved for backward: copy them once.
+        def ready(tensor: torch.Tensor) -> torch.Tensor:
+            tensor = tensor.to(self.device)
+            return tensor.clone() if tensor.is_inference() else tensor
+
+        for sample in self.samples:
+            sample.latents = ready(sample.latents)
+            sample.conditioning = {k: ready(v) for k, v in sample.conditioning.items()}
+
+    def release(self) -> None:
+        """Gives the training memory back: the LoRA moves to the CPU, optimizer state is dropped."""
+        self.network.to("cpu")
+        self.optimizer = None
+        self.scaler = None
+        comfy.model_management.soft_empty_cache()
+
+    # -- the objective -------------------------------------------------------------------
+
+    def _autocast(self):
+        dtype = AUTOCAST_DTYPES.get(self.config.precision)
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+
+    def loss(self, latents, conditioning, noise, timesteps) -> torch.Tensor:
+        """Mean loss of a batch at the given noise and timesteps (B, ...)."""
+        noisy, target = self.family.noisy_input_and_target(latents, noise, timesteps)
+        with self._autocast():
+            prediction = self.family.predict(noisy, timesteps, conditioning)
+        prediction, target = prediction.float(), target.float()
+        if self.config.loss == "huber":
+            per_element = F.huber_loss(prediction, target, reduction="none", delta=self.config.huber_delta)
+        else:
+            per_element = F.mse_loss(prediction, target, reduction="none")
+        per_sample = per_element.flatten(1).mean(1)
+        weight = self.family.loss_weight(timesteps)
+        if weight is not None:
+            per_sample = per_sample * weight.to(per_sample)
+        return per_sample.mean()
+
+    def draw_noise_and_timesteps(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        noises, timesteps = [], []
+        for one in latents.split(1):
+            noise = torch.randn(one.shape, generator=self.generator)
+            noises.append(self.family.prepare_noise(noise, self.generator))
+            timesteps.append(self.family.sample_timesteps(one, self.generator).cpu())
+        return torch.cat(noises).to(latents), torch.cat(timesteps).to(latents.device)
+
+    def _next_batch(self) -> tuple[torch.Tensor, dict]:
+        position = self.state.data
+        while True:
+            if not self._batches:
+                self._batches = self.order.epoch(position.epoch)
+            if position.batch < len(self._batches):
+                break
+            position.epoch += 1
+            position.batch = 0
+            self._batches = []
+        indices = self._batches[position.batch]
+        position.batch += 1
+        chosen = [self.samples[i] for i in indices]
+        latents = torch.stack([s.latents for s in chosen])
+        conditioning = {k: torch.stack([s.conditioning[k] for s in chosen]) for k in chosen[0].conditioning}
+        return latents, conditioning
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def step(self) -> torch.Tensor:
+        """One optimizer step over `gradient_accumulation` micro-batches; returns the mean loss
+        (a device tensor: reading it is left to whoever logs, to keep the step free of syncs)."""
+        cfg = self.config
+        lr = cfg.learning_rate * lr_factor(self.state.step, cfg.schedule, cfg.warmup_steps, cfg.steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total = torch.zeros((), device=self.device)
+        for _ in range(cfg.gradient_accumulation):
+            latents, conditioning = self._next_batch()
+            noise, timesteps = self.draw_noise_and_timesteps(latents)
+            loss = self.loss(latents, conditioning, noise, timesteps)
+            self.scaler.scale(loss / cfg.gradient_accumulation).backward()
+            total += loss.detach() / cfg.gradient_accumulation
+            self.state.samples_seen += latents.shape[0]
+        if cfg.max_grad_norm > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), cfg.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        return total
+
+    def current_lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def run(self, on_step: Callable[["Trainer", list[StepReport]], bool] | None = None) -> LoraNetwork:
+        """Trains until `config.steps`. `on_step(trainer, reports)` runs after every step and
+        returns False to stop there; `reports` holds the steps whose loss was read this time:
+        losses are read from the device every `log_every` steps, one sync for the lot."""
+        with self.session():
+            pending: list[tuple[int, torch.Tensor, float, int]] = []
+            while self.state.step < self.config.steps:
+                loss = self.step()
+                pending.append((self.state.step, loss, self.current_lr(), self.state.samples_seen))
+                reports = []
+                if self.state.step % self.config.log_every == 0 or self.state.step == self.config.steps:
+                    reports = self._read_losses(pending)
+                    pending.clear()
+                if on_step is not None and on_step(self, reports) is False:
+                    break
+        return self.network
+
+    def _read_losses(self, pending) -> list[StepReport]:
+        values = torch.stack([loss for _, loss, _, _ in pending]).tolist()
+        reports = [
+            StepReport(step, self.config.steps, value, lr, seen)
+            for (step, _, lr, seen), value in zip(pending, values, strict=True)
+        ]
+        bad = next((r for r in reports if not math.isfinite(r.loss)), None)
+        if bad is not None:
+            raise FloatingPointError(
+                f"the loss became {bad.loss} at step {bad.step}; lower train.learning_rate or use precision bf16/fp32"
+            )
+        return reports
