@@ -138,9 +138,10 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.network = network or LoraNetwork.create(self.family.diffusion_model, self.family.layer_kind, lora)
+        self.network.to(self.device)
+        self.optimizer = build_optimizer(list(self.network.parameters()), config)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
         self.state = RunState()
-        self.optimizer: torch.optim.Optimizer | None = None
-        self.scaler: torch.amp.GradScaler | None = None
         self._batches: list[list[int]] = []
 
     @property
@@ -156,11 +157,7 @@ class Trainer:
             comfy.model_management.load_models_gpu([self.patcher], force_full_load=True)
             diffusion_model = self.family.diffusion_model
             make_autograd_safe(diffusion_model)
-            self.network.to(self.device)
             self._prepare_samples()
-            if self.optimizer is None:
-                self.optimizer = build_optimizer(list(self.network.parameters()), self.config)
-                self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.config.precision == "fp16")
             blocks = self.family.checkpoint_blocks() if self.config.gradient_checkpointing else []
             try:
                 with (
@@ -190,6 +187,32 @@ class Trainer:
         self.optimizer = None
         self.scaler = None
         comfy.model_management.soft_empty_cache()
+
+    def resume_state(self) -> dict:
+        """What a resumed run needs besides the LoRA weights: plain values and tensors only."""
+        return {
+            "step": self.state.step,
+            "samples_seen": self.state.samples_seen,
+            "data_epoch": self.state.data.epoch,
+            "data_batch": self.state.data.batch,
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
+
+    def load_resume_state(self, state: dict) -> None:
+        position = DataPosition(state["data_epoch"], state["data_batch"])
+        self.state = RunState(state["step"], state["samples_seen"], position)
+        self._batches = []
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"]:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
 
     # -- the objective -------------------------------------------------------------------
 

@@ -1,0 +1,239 @@
+"""The training engine on every family's tiny model, on the CPU."""
+
+import copy
+import math
+
+import pytest
+import torch
+from tiny_models import MODEL_FACTORIES, random_inputs
+
+from trainer_core.config import LoraConfig, TrainConfig
+from trainer_core.families import family_for
+from trainer_core.lora import LoraNetwork
+from trainer_core.trainer import Sample, Trainer, lr_factor
+
+FAMILIES = list(MODEL_FACTORIES)
+LATENT_HW = (16, 16)
+
+
+def fixed_samples(patcher, count=4) -> list[Sample]:
+    samples = []
+    for i in range(count):
+        inputs = random_inputs(patcher, batch=1, latent_hw=LATENT_HW, seed=100 + i)
+        samples.append(Sample(inputs["x"][0], {"context": inputs["context"][0], "y": inputs["y"][0]}, key=str(i)))
+    return samples
+
+
+def train_config(**overrides) -> TrainConfig:
+    values = dict(steps=30, learning_rate=3e-3, precision="fp32", gradient_checkpointing=False, max_grad_norm=1.0,
+                  weight_decay=0.0, seed=1234)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def evaluation_set(trainer: Trainer):
+    """The same noise and timesteps for every evaluation: one low, two middle, one high noise level."""
+    latents = torch.stack([s.latents for s in trainer.samples])
+    keys = trainer.samples[0].conditioning
+    conditioning = {k: torch.stack([s.conditioning[k] for s in trainer.samples]) for k in keys}
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(99))
+    if type(trainer.family).__name__ == "SDXL":
+        timesteps = torch.tensor([100, 400, 600, 900])
+    else:
+        timesteps = torch.tensor([0.2, 0.4, 0.6, 0.8])
+    return latents, conditioning, noise, timesteps
+
+
+def run_collecting_losses(trainer: Trainer) -> list[float]:
+    losses = []
+    trainer.run(lambda t, reports: losses.extend(r.loss for r in reports))
+    return losses
+
+
+def evaluate(trainer: Trainer, fixed) -> float:
+    with trainer.network.attached(trainer.family.diffusion_model), torch.no_grad():
+        return trainer.loss(*fixed).item()
+
+
+def lora_weights(network: LoraNetwork) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in network.state_dict().items()}
+
+
+def base_output(patcher, inputs) -> torch.Tensor:
+    family = family_for(patcher.model, TrainConfig())
+    timesteps = torch.tensor([500]) if type(family).__name__ == "SDXL" else torch.tensor([0.5])
+    with torch.no_grad():
+        return family.predict(inputs["x"], timesteps, {"context": inputs["context"], "y": inputs["y"]})
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_training_lowers_the_loss_and_is_reproducible(name):
+    patcher = MODEL_FACTORIES[name]()
+    trainer = Trainer(patcher, fixed_samples(patcher), LoraConfig(rank=8, alpha=8), train_config())
+    fixed = evaluation_set(trainer)
+    before = evaluate(trainer, fixed)
+    trainer.run()
+    after = evaluate(trainer, fixed)
+    assert after <= 0.7 * before, f"{name}: loss {before:.4f} -> {after:.4f}"
+
+    again = Trainer(patcher, fixed_samples(patcher), LoraConfig(rank=8, alpha=8), train_config())
+    again.run()
+    first, second = lora_weights(trainer.network), lora_weights(again.network)
+    assert first.keys() == second.keys()
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_injection_and_removal_leave_the_cached_model_bit_identical(name):
+    patcher = MODEL_FACTORIES[name]()
+    inputs = random_inputs(patcher, batch=1, latent_hw=LATENT_HW, seed=5)
+    state_before = {k: v.clone() for k, v in patcher.model.state_dict().items()}
+    before = base_output(patcher, inputs)
+    trainer = Trainer(patcher, fixed_samples(patcher), LoraConfig(rank=4), train_config(steps=3, learning_rate=1e-2))
+    trainer.run()
+    # The LoRA really changes the model while attached ...
+    with trainer.network.attached(patcher.model.diffusion_model):
+        assert not torch.equal(base_output(patcher, inputs), before)
+    # ... and nothing of it stays: no hooks, no wrappers, the same weights, the same output.
+    assert torch.equal(base_output(patcher, inputs), before)
+    state_after = patcher.model.state_dict()
+    assert state_after.keys() == state_before.keys()
+    assert all(torch.equal(state_after[k], state_before[k]) for k in state_before)
+    for module in patcher.model.diffusion_model.modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks, type(module).__name__
+        assert "forward" not in vars(module), type(module).__name__
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_removal_also_happens_when_training_fails(name):
+    patcher = MODEL_FACTORIES[name]()
+    trainer = Trainer(patcher, fixed_samples(patcher), LoraConfig(rank=4), train_config(steps=5,
+                      gradient_checkpointing=True))
+
+    def fail(trainer, reports):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.run(fail)
+    for module in patcher.model.diffusion_model.modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks
+        assert "forward" not in vars(module)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_gradient_checkpointing_gives_the_same_gradients(name):
+    patcher = MODEL_FACTORIES[name]()
+    grads = {}
+    for checkpointing in (False, True):
+        trainer = Trainer(patcher, fixed_samples(patcher, 2), LoraConfig(rank=4),
+                          train_config(gradient_checkpointing=checkpointing, batch_size=2))
+        # B starts at zero, which would leave every A gradient zero: give B values first.
+        torch.manual_seed(0)
+        for _, layer in trainer.network.items():
+            torch.nn.init.normal_(layer.up, std=0.02)
+        fixed = evaluation_set(trainer)
+        with trainer.session():
+            trainer.loss(*fixed).backward()
+        grads[checkpointing] = {k: p.grad.clone() for k, p in trainer.network.named_parameters()}
+    assert grads[True].keys() == grads[False].keys()
+    for key in grads[False]:
+        assert grads[False][key].abs().sum() > 0, key
+        torch.testing.assert_close(grads[True][key], grads[False][key], rtol=1e-5, atol=1e-7)
+
+
+def test_flux_trains_with_and_without_checkpointing_although_its_blocks_add_in_place():
+    """ComfyUI's Flux blocks do `img += ...` after a LayerNorm saved `img`; a plain backward fails."""
+    patcher = MODEL_FACTORIES["flux_dev"]()
+    losses = {}
+    for checkpointing in (False, True):
+        trainer = Trainer(patcher, fixed_samples(patcher), LoraConfig(rank=4),
+                          train_config(steps=3, gradient_checkpointing=checkpointing))
+        losses[checkpointing] = run_collecting_losses(trainer)
+    assert len(losses[True]) == 3
+    torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]))
+
+
+def test_training_works_on_a_model_loaded_under_inference_mode():
+    """ComfyUI builds models and runs nodes under torch.inference_mode()."""
+    patcher = MODEL_FACTORIES["sd3"]().clone()
+    with torch.inference_mode():
+        samples = fixed_samples(patcher, 2)
+        model = copy.deepcopy(patcher.model)
+    assert next(model.parameters()).is_inference() and samples[0].latents.is_inference()
+    patcher.model = model
+    trainer = Trainer(patcher, samples, LoraConfig(rank=4), train_config(steps=2))
+    trainer.run()
+    assert all(torch.isfinite(p).all() for p in trainer.network.parameters())
+
+
+@pytest.mark.parametrize("name", ["sdxl_eps", "flux_dev"])
+def test_gradient_accumulation_equals_a_larger_batch(name):
+    patcher = MODEL_FACTORIES[name]()
+    results = []
+    for batch_size, accumulation in ((4, 1), (1, 4)):
+        trainer = Trainer(patcher, fixed_samples(patcher), LoraConfig(rank=4),
+                          train_config(steps=3, batch_size=batch_size, gradient_accumulation=accumulation))
+        results.append((run_collecting_losses(trainer), lora_weights(trainer.network)))
+    (losses_a, weights_a), (losses_b, weights_b) = results
+    torch.testing.assert_close(torch.tensor(losses_a), torch.tensor(losses_b), rtol=1e-5, atol=1e-6)
+    for key in weights_a:
+        torch.testing.assert_close(weights_a[key], weights_b[key], rtol=1e-4, atol=1e-6)
+
+
+def test_fp16_with_the_grad_scaler():
+    patcher = MODEL_FACTORIES["sd3"]()
+    trainer = Trainer(patcher, fixed_samples(patcher), LoraConfig(rank=8, alpha=8),
+                      train_config(precision="fp16", steps=20))
+    fixed = evaluation_set(trainer)
+    before = evaluate(trainer, fixed)
+    scales = []
+    trainer.run(lambda t, reports: scales.append(t.scaler.get_scale()))
+    assert trainer.scaler is None  # released after the run
+    assert scales and all(s > 1.0 for s in scales), "the scaler was not used"
+    after = evaluate(trainer, fixed)
+    assert after < before
+
+
+def test_adamw8bit_on_the_cpu_keeps_8bit_state():
+    patcher = MODEL_FACTORIES["flux_dev"]()
+    trainer = Trainer(patcher, fixed_samples(patcher), LoraConfig(rank=16, alpha=16),
+                      train_config(optimizer="adamw8bit", steps=15))
+    fixed = evaluation_set(trainer)
+    before = evaluate(trainer, fixed)
+    states = []
+    trainer.run(lambda t, reports: states.append([s.get("state1") for s in t.optimizer.state.values()]))
+    assert any(s is not None and s.dtype == torch.uint8 for s in states[-1]), "no 8-bit optimizer state"
+    assert evaluate(trainer, fixed) < before
+
+
+@pytest.mark.parametrize("optimizer", ["adafactor", "prodigy"])
+def test_other_optimizers_train(optimizer):
+    patcher = MODEL_FACTORIES["sd3"]()
+    lr = 1.0 if optimizer == "prodigy" else 3e-3
+    trainer = Trainer(patcher, fixed_samples(patcher), LoraConfig(rank=8, alpha=8),
+                      train_config(optimizer=optimizer, learning_rate=lr, steps=15))
+    fixed = evaluation_set(trainer)
+    before = evaluate(trainer, fixed)
+    trainer.run()
+    assert evaluate(trainer, fixed) < before
+
+
+@pytest.mark.parametrize(
+    "schedule, expected",
+    [
+        ("constant", [1.0] * 10),
+        ("constant_with_warmup", [1 / 3, 2 / 3] + [1.0] * 8),
+        ("linear", [1 / 3, 2 / 3] + [1 - i / 8 for i in range(8)]),
+        ("cosine", [1 / 3, 2 / 3] + [0.5 * (1 + math.cos(math.pi * i / 8)) for i in range(8)]),
+    ],
+)
+def test_learning_rate_schedules(schedule, expected):
+    curve = [lr_factor(step, schedule, warmup_steps=2, total_steps=10) for step in range(10)]
+    torch.testing.assert_close(torch.tensor(curve), torch.tensor(expected))
+    patcher = MODEL_FACTORIES["sd3"]()
+    trainer = Trainer(patcher, fixed_samples(patcher, 1), LoraConfig(rank=2),
+                      train_config(steps=10, schedule=schedule, warmup_steps=2, learning_rate=1e-3))
+    lrs = []
+    trainer.run(lambda t, reports: lrs.extend(r.lr for r in reports))
+    torch.testing.assert_close(torch.tensor(lrs), 1e-3 * torch.tensor(expected, dtype=torch.float64))

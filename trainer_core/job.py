@@ -1,0 +1,174 @@
+"""A training run on a background thread, with an event stream, cancel and periodic hooks.
+
+The node (or the command line) starts a TrainingJob, reads `events()` until the job is done,
+and calls `result()`; an exception in the thread is re-raised there with its traceback. Hooks
+(periodic samples, checkpoints) run on the training thread between two steps, so the model
+is never used by two threads at once.
+"""
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from .lora import LoraNetwork
+from .trainer import StepReport, Trainer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Event:
+    """kind: "step", "sample", "saved", "error", "done" (data: {"cancelled": bool})."""
+
+    kind: str
+    data: dict = field(default_factory=dict)
+
+
+class JobHook:
+    """Work between two steps. `every` > 0 runs `on_step` every that many steps; `on_end` runs
+    once when training ends, finished or cancelled (not after an error)."""
+
+    every: int = 0
+
+    def on_step(self, trainer: Trainer) -> list[Event]:
+        return []
+
+    def on_end(self, trainer: Trainer, cancelled: bool) -> list[Event]:
+        return []
+
+
+class TrainingFailed(RuntimeError):
+    pass
+
+
+class TrainingJob:
+    def __init__(self, trainer: Trainer, hooks: list[JobHook] | None = None):
+        self.trainer = trainer
+        self.hooks = hooks or []
+        self._events: queue.Queue[Event] = queue.Queue()
+        self._cancel = threading.Event()
+        self._requests: queue.Queue[JobHook] = queue.Queue()
+        self._error: BaseException | None = None
+        self._traceback = ""
+        self._thread = threading.Thread(target=self._main, name="lora-training", daemon=True)
+        self._started_at = 0.0
+        self._first_step = (0.0, 0, 0)  # (time, step, samples seen) after the first step
+
+    # -- control, from any thread ------------------------------------------------------------
+
+    def start(self) -> "TrainingJob":
+        self._thread.start()
+        return self
+
+    def cancel(self) -> None:
+        """Stops at the next step boundary; the `on_end` hooks still run (cancelled=True)."""
+        self._cancel.set()
+
+    def request(self, hook: JobHook) -> None:
+        """Runs `hook.on_step` once at the next step boundary (e.g. "save now")."""
+        self._requests.put(hook)
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def events(self, poll_seconds: float = 0.1) -> Iterator[Event]:
+        """Yields events until the job has finished; the last one is "done" or "error"."""
+        while True:
+            try:
+                event = self._events.get(timeout=poll_seconds)
+            except queue.Empty:
+                if not self._thread.is_alive() and self._events.empty():
+                    return
+                continue
+            yield event
+            if event.kind in ("done", "error"):
+                return
+
+    def result(self) -> LoraNetwork:
+        """Waits for the thread; returns the trained network or raises what the thread raised."""
+        self._thread.join()
+        if self._error is not None:
+            raise TrainingFailed(f"training failed: {self._error}\n{self._traceback}") from self._error
+        return self.trainer.network
+
+    def __enter__(self) -> "TrainingJob":
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        # The thread never outlives the job.
+        self.cancel()
+        self._thread.join()
+
+    # -- the training thread -----------------------------------------------------------------
+
+    def _main(self) -> None:
+        self._started_at = time.perf_counter()
+        try:
+            self.trainer.run(self._between_steps)
+            cancelled = self._cancel.is_set()
+            with self._paused():
+                for hook in self.hooks:
+                    self._emit(hook.on_end(self.trainer, cancelled))
+            self._events.put(Event("done", {"cancelled": cancelled, "step": self.trainer.state.step}))
+        except BaseException as error:  # noqa: BLE001 - handed to the caller in result()
+            self._error = error
+            self._traceback = traceback.format_exc()
+            log.error("training failed: %s", self._traceback)
+            self._events.put(Event("error", {"message": str(error), "traceback": self._traceback}))
+        finally:
+            self.trainer.release()
+
+    def _between_steps(self, trainer: Trainer, reports: list[StepReport]) -> bool:
+        for report in reports:
+            self._events.put(Event("step", self._step_data(report)))
+        step = trainer.state.step
+        due = [hook for hook in self.hooks if hook.every and step % hook.every == 0 and step < trainer.config.steps]
+        while not self._requests.empty():
+            due.append(self._requests.get())
+        if due:
+            with self._paused():
+                for hook in due:
+                    self._emit(hook.on_step(trainer))
+        return not self._cancel.is_set()
+
+    @contextlib.contextmanager
+    def _paused(self):
+        """Sampling and saving see the LoRA without dropout and without building a graph."""
+        self.trainer.network.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self.trainer.network.train()
+
+    def _emit(self, events: list[Event]) -> None:
+        for event in events:
+            self._events.put(event)
+
+    def _step_data(self, report: StepReport) -> dict:
+        now = time.perf_counter()
+        if report.step == 1 or self._first_step[1] == 0:
+            self._first_step = (now, report.step, report.samples_seen)
+        since, first_step, first_seen = self._first_step
+        elapsed = now - since
+        # Rates are measured from the end of the first step, which carries the warm-up.
+        steps_done = report.step - first_step
+        rate = (report.samples_seen - first_seen) / elapsed if elapsed > 0 and steps_done else 0.0
+        eta = elapsed / steps_done * (report.total_steps - report.step) if steps_done else None
+        return {
+            "step": report.step,
+            "total_steps": report.total_steps,
+            "loss": report.loss,
+            "lr": report.lr,
+            "images_per_second": rate,
+            "eta_seconds": eta,
+            "elapsed_seconds": now - self._started_at,
+        }
