@@ -246,4 +246,5 @@ def test_learning_rate_schedules(schedule, expected):
                       train_config(steps=10, schedule=schedule, warmup_steps=2, learning_rate=1e-3))
     lrs = []
     trainer.run(lambda t, reports: lrs.extend(r.lr for r in reports))
-    torch.testing.assert_close(torch.tensor(lrs, dtype=torch.float64), 1e-3 * torch.tensor(expected, dtype=torch.float64))
+    expected_lrs = 1e-3 * torch.tensor(expected, dtype=torch.float64)
+    torch.testing.assert_close(torch.tensor(lrs, dtype=torch.float64), expected_lrs)

@@ -15,6 +15,7 @@ SCHEDULES = ("constant", "constant_with_warmup", "cosine", "linear")
 PRECISIONS = ("bf16", "fp16", "fp32")
 TIMESTEP_SAMPLING = ("logit_normal", "uniform", "sigmoid")
 LOSSES = ("mse", "huber")
+SAVE_DTYPES = ("bf16", "fp16", "fp32")
 
 
 class ConfigError(ValueError):
@@ -120,3 +121,28 @@ class TrainConfig:
                 f"train: unknown field(s) {', '.join(unknown)}; known fields are {', '.join(sorted(known))}"
             )
         return cls(**values)
+
+
+@dataclass(frozen=True)
+class SaveConfig:
+    """Where a run's files go: the LoRA as `<loras>/<name>/<name>.safetensors`, checkpoints under
+    `<output_dir>/<name>/checkpoints/` (output_dir "" is ComfyUI's output folder)."""
+
+    name: str = "lora"
+    dtype: str = "bf16"
+    every: int = 0  # checkpoint every this many steps; 0: only when a run is cancelled
+    keep_last: int = 3  # checkpoints kept; 0 keeps all
+    output_dir: str = ""
+    trigger_word: str = ""
+
+    def __post_init__(self):
+        owner = "save"
+        # The name becomes a folder and a file name in ComfyUI's model and output folders.
+        # Windows drops a trailing dot or space from folder names, so the name must not end in one.
+        name_ok = re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9._ -]{0,126}[A-Za-z0-9_-])?", self.name) is not None
+        _require(name_ok, owner, "name", f"{self.name!r} must be 1-128 letters, digits, '.', '_', '-' or spaces, "
+                 "starting with a letter or digit and not ending in '.' or a space")
+        _one_of(owner, "dtype", self.dtype, SAVE_DTYPES)
+        for name in ("every", "keep_last"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value >= 0, owner, name, f"must be an integer >= 0, got {value!r}")

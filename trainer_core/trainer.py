@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import comfy.model_management
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .checkpointing import gradient_checkpointing, make_autograd_safe
 from .config import ConfigError, LoraConfig, TrainConfig
@@ -161,6 +162,9 @@ class Trainer:
             blocks = self.family.checkpoint_blocks() if self.config.gradient_checkpointing else []
             try:
                 with (
+                    # cuDNN's attention backward failed on Flux shapes (illegal memory access) on
+                    # H100 with torch 2.11; flash, memory-efficient and math kernels are fine.
+                    sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]),
                     self.network.attached(diffusion_model),
                     self.family.training_patches(),
                     gradient_checkpointing(blocks, self.family.blocks_mutate_inputs),
