@@ -32,6 +32,19 @@ class Sample:
     latents: torch.Tensor
     conditioning: dict[str, torch.Tensor]
     key: str = ""
+    # Other conditionings of the same image (shuffled tags, the empty caption of caption
+    # dropout), each with its probability of being drawn instead of `conditioning`.
+    alternatives: list[tuple[float, dict[str, torch.Tensor]]] = field(default_factory=list)
+
+    def draw_conditioning(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        if not self.alternatives:
+            return self.conditioning
+        u = float(torch.rand((), generator=generator))
+        for probability, conditioning in self.alternatives:
+            if u < probability:
+                return conditioning
+            u -= probability
+        return self.conditioning
 
 
 class BatchOrder:
@@ -184,6 +197,7 @@ class Trainer:
         for sample in self.samples:
             sample.latents = ready(sample.latents)
             sample.conditioning = {k: ready(v) for k, v in sample.conditioning.items()}
+            sample.alternatives = [(p, {k: ready(v) for k, v in c.items()}) for p, c in sample.alternatives]
 
     def release(self) -> None:
         """Gives the training memory back: the LoRA moves to the CPU, optimizer state is dropped."""
@@ -262,7 +276,8 @@ class Trainer:
         position.batch += 1
         chosen = [self.samples[i] for i in indices]
         latents = torch.stack([s.latents for s in chosen])
-        conditioning = {k: torch.stack([s.conditioning[k] for s in chosen]) for k in chosen[0].conditioning}
+        drawn = [s.draw_conditioning(self.generator) for s in chosen]
+        conditioning = {k: torch.stack([c[k] for c in drawn]) for k in drawn[0]}
         return latents, conditioning
 
     # -- the loop ------------------------------------------------------------------------
