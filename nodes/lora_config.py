@@ -1,6 +1,7 @@
 from comfy_api.latest import io
 
 from ..trainer_core.config import TARGET_PRESETS, LoraConfig
+from .compat import ADVANCED
 
 CATEGORY = "LoRA Trainer"
 
@@ -21,7 +22,7 @@ class LoraConfigNode(io.ComfyNode):
                 ),
                 io.Float.Input(
                     "dropout", default=0.0, min=0.0, max=0.9, step=0.01,
-                    tooltip="Dropout applied to the LoRA input during training.", advanced=True,
+                    tooltip="Dropout applied to the LoRA input during training.", **ADVANCED,
                 ),
                 io.Combo.Input(
                     "targets", options=list(TARGET_PRESETS), default="attention+mlp",
@@ -30,11 +31,11 @@ class LoraConfigNode(io.ComfyNode):
                 io.String.Input(
                     "include", default="",
                     tooltip="Comma-separated regular expressions; only matching layers are kept.",
-                    advanced=True,
+                    **ADVANCED,
                 ),
                 io.String.Input(
                     "exclude", default="", tooltip="Comma-separated regular expressions; matching layers are dropped.",
-                    advanced=True,
+                    **ADVANCED,
                 ),
             ],
             outputs=[io.Custom("LORA_CONFIG").Output(display_name="lora_config")],
