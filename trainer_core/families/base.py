@@ -77,6 +77,11 @@ class Family:
         """Training conditioning for one sample from ComfyUI's CLIP output (cond (1, T, D), pooled (1, P))."""
         raise NotImplementedError
 
+    def sampling_defaults(self) -> dict:
+        """What sampling this family well takes: cfg, steps, sampler, scheduler, and Flux
+        guidance (None where the model has no guidance input)."""
+        raise NotImplementedError
+
     def prepare_noise(self, noise: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return noise
 

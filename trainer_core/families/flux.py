@@ -83,6 +83,11 @@ class Flux(FlowFamily):
             transformer_options={},
         )
 
+    def sampling_defaults(self):
+        if self.guidance_distilled:
+            return {"cfg": 1.0, "steps": 20, "sampler": "euler", "scheduler": "simple", "guidance": 3.5}
+        return {"cfg": 1.0, "steps": 4, "sampler": "euler", "scheduler": "simple", "guidance": None}
+
     def conditioning(self, cond, pooled, width, height):
         return {"context": cond[0], "y": pooled[0]}
 

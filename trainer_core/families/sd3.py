@@ -43,5 +43,8 @@ class SD3(FlowFamily):
             transformer_options={},
         )
 
+    def sampling_defaults(self):
+        return {"cfg": 4.5, "steps": 28, "sampler": "euler", "scheduler": "simple", "guidance": None}
+
     def conditioning(self, cond, pooled, width, height):
         return {"context": cond[0], "y": pooled[0]}

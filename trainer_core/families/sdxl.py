@@ -65,6 +65,9 @@ class SDXL(Family):
             transformer_options={},
         )
 
+    def sampling_defaults(self):
+        return {"cfg": 7.0, "steps": 25, "sampler": "euler", "scheduler": "normal", "guidance": None}
+
     def conditioning(self, cond, pooled, width, height):
         adm = self.model.encode_adm(
             pooled_output=pooled, width=width, height=height, crop_w=0, crop_h=0,

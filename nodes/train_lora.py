@@ -1,0 +1,139 @@
+import time
+
+import comfy.model_management
+import comfy.utils
+import folder_paths
+from comfy_api.latest import io
+from PIL import Image
+
+from ..trainer_core import export
+from ..trainer_core.config import OPTIMIZERS, PRECISIONS, SCHEDULES, SaveConfig, TrainConfig
+from ..trainer_core.data import build_samples
+from ..trainer_core.job import TrainingJob
+from ..trainer_core.sampling import SampleHook, SampleSettings, encode_prompts
+from ..trainer_core.trainer import Trainer
+from .compat import ADVANCED, send_event
+from .lora_config import CATEGORY
+from .sample_preview import prompt_lines
+
+PREVIEW_SIDE = 512
+
+
+class TrainLoraNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LoraTrainer_TrainLoRA",
+            display_name="Train LoRA",
+            category=CATEGORY,
+            description="Trains a LoRA on a dataset; shows loss and samples while it runs, saves it into the loras "
+                        "folder and returns the model with the LoRA applied.",
+            is_output_node=True,
+            inputs=[
+                io.Model.Input("model"),
+                io.Clip.Input("clip"),
+                io.Vae.Input("vae"),
+                io.Custom("LORA_DATASET").Input("dataset", tooltip="From the Dataset node."),
+                io.Custom("LORA_CONFIG").Input("lora_config", tooltip="From the LoRA Config node."),
+                io.String.Input("output_name", default="my_lora",
+                                tooltip="Name of the LoRA file and of its folder under loras/ and output/."),
+                io.Int.Input("steps", default=1000, min=1, max=1_000_000, tooltip="Optimizer steps to train."),
+                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=10.0, step=1e-5,
+                               tooltip="Peak learning rate (Prodigy: use 1.0)."),
+                io.Combo.Input("optimizer", options=list(OPTIMIZERS), default="adamw8bit",
+                               tooltip="adamw8bit keeps optimizer state in 8 bits (bitsandbytes)."),
+                io.Combo.Input("schedule", options=list(SCHEDULES), default="constant_with_warmup",
+                               tooltip="How the learning rate changes over the run."),
+                io.Int.Input("warmup_steps", default=50, min=0, max=100_000, tooltip="Steps of linear warm-up."),
+                io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Images per micro-batch."),
+                io.Int.Input("gradient_accumulation", default=1, min=1, max=256,
+                             tooltip="Micro-batches per optimizer step.", **ADVANCED),
+                io.Combo.Input("precision", options=list(PRECISIONS), default="bf16",
+                               tooltip="Compute precision (fp16 uses a gradient scaler)."),
+                io.Boolean.Input("gradient_checkpointing", default=True,
+                                 tooltip="Recompute each block in backward: much less memory, ~30% slower."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF,
+                             tooltip="Seed of noise, timesteps and data order."),
+                io.Int.Input("save_every", default=250, min=0, max=1_000_000,
+                             tooltip="Save a resumable checkpoint every N steps (0: only at the end or on Cancel)."),
+                io.Int.Input("keep_last", default=3, min=0, max=1000,
+                             tooltip="Checkpoints kept (0 keeps all).", **ADVANCED),
+                io.Combo.Input("save_dtype", options=["bf16", "fp16", "fp32"], default="bf16",
+                               tooltip="Precision of the saved LoRA.", **ADVANCED),
+                io.Int.Input("sample_every", default=250, min=0, max=1_000_000,
+                             tooltip="Preview images every N steps (0: only at the end)."),
+                io.String.Input("sample_prompts", multiline=True, default="",
+                                tooltip="One prompt per line for the previews; empty: no previews."),
+                io.Int.Input("sample_seed", default=42, min=0, max=0xFFFFFFFF, tooltip="Seed of the previews."),
+                io.Int.Input("sample_size", default=1024, min=64, max=4096, step=64,
+                             tooltip="Side of the square previews in pixels."),
+                io.String.Input("resume_from", default="",
+                                tooltip="A checkpoint folder to continue from, or 'latest' for this output name's "
+                                        "newest; empty starts fresh."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model", tooltip="The input model with the trained LoRA applied."),
+                io.String.Output(display_name="lora_name", tooltip="The file name as the LoRA Loader lists it."),
+                io.Custom("LORA_LOSS_HISTORY").Output(display_name="loss_history"),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, dataset, lora_config, output_name, steps, learning_rate, optimizer, schedule,
+                warmup_steps, batch_size, gradient_accumulation, precision, gradient_checkpointing, seed, save_every,
+                keep_last, save_dtype, sample_every, sample_prompts, sample_seed, sample_size,
+                resume_from) -> io.NodeOutput:
+        train = TrainConfig(
+            steps=steps, learning_rate=learning_rate, optimizer=optimizer, schedule=schedule,
+            warmup_steps=warmup_steps, batch_size=batch_size, gradient_accumulation=gradient_accumulation,
+            precision=precision, gradient_checkpointing=gradient_checkpointing, seed=seed,
+        )
+        save = SaveConfig(name=output_name.strip(), dtype=save_dtype, every=save_every, keep_last=keep_last,
+                          trigger_word=dataset.trigger_word)
+        prompts = prompt_lines(sample_prompts)
+        settings = None
+        if prompts:
+            settings = SampleSettings(prompts, seed=sample_seed, width=sample_size, height=sample_size).resolved(model)
+            encoded = encode_prompts(clip, settings)
+        samples, _ = build_samples(dataset, model, clip, vae, folder_paths.get_input_directory(),
+                                   folder_paths.get_output_directory())
+        trainer = Trainer(model, samples, lora_config, train)
+        if resume_from.strip():
+            target = export.checkpoints_folder(save) if resume_from.strip() == "latest" else resume_from.strip()
+            export.resume(trainer, target)
+        hooks = [export.CheckpointHook(save, started_at=time.time())]
+        if settings is not None:
+            samples_folder = export.checkpoints_folder(save).parent / "samples"
+            hooks.append(SampleHook(vae, encoded, settings, sample_every, samples_folder))
+        history, lora_name = cls._watch(TrainingJob(trainer, hooks), steps)
+        network = trainer.network
+        return io.NodeOutput(export.apply_lora_to_clone(model, network), lora_name, history)
+
+    @classmethod
+    def _watch(cls, job: TrainingJob, total: int):
+        """Relays the run's events to ComfyUI until it ends; Cancel stops it at the next step
+        (the checkpoint hook saves it) and is then re-raised, as ComfyUI expects."""
+        progress = comfy.utils.ProgressBar(total)
+        history = {"step": [], "loss": [], "lr": []}
+        lora_name = ""
+        cancelled = False
+        with job:
+            for event in job.events():
+                if comfy.model_management.processing_interrupted() and not cancelled:
+                    job.cancel()
+                    cancelled = True
+                if event.kind == "step":
+                    for key in history:
+                        history[key].append(event.data[key])
+                    progress.update_absolute(event.data["step"], total)
+                elif event.kind == "sample":
+                    image = Image.fromarray((event.data["images"][-1].cpu().numpy() * 255).round().astype("uint8"))
+                    progress.update_absolute(event.data["step"], total, ("JPEG", image, PREVIEW_SIDE))
+                elif event.kind == "saved" and event.data["kind"] == "lora":
+                    lora_name = event.data["name"]
+                send_event(event)
+        job.result()
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        if cancelled:
+            raise comfy.model_management.InterruptProcessingException()
+        return history, lora_name

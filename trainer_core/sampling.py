@@ -1,0 +1,123 @@
+"""Preview images through ComfyUI's own samplers, for the Sample Preview node and for the
+periodic samples of a training run (where the LoRA is attached to the model's modules)."""
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import comfy.model_management
+import comfy.sample
+import node_helpers
+import torch
+from PIL import Image
+
+from .config import ConfigError, TrainConfig
+from .families import family_for
+from .job import Event, JobHook
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """0 (or "") for cfg, steps, guidance, sampler and scheduler means the family's default."""
+
+    prompts: tuple[str, ...]
+    seed: int = 42
+    width: int = 1024
+    height: int = 1024
+    steps: int = 0
+    cfg: float = 0.0
+    guidance: float = 0.0
+    sampler: str = ""
+    scheduler: str = ""
+    negative: str = ""
+
+    def __post_init__(self):
+        if not self.prompts or not all(p.strip() for p in self.prompts):
+            raise ConfigError("sample.prompts: give at least one prompt, and no empty ones")
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if value < 16 or value % 16:
+                raise ConfigError(f"sample.{name}: must be a multiple of 16 and at least 16, got {value}")
+        if self.steps < 0 or self.cfg < 0 or self.guidance < 0:
+            raise ConfigError("sample: steps, cfg and guidance must be >= 0 (0 picks the model family's default)")
+
+    def resolved(self, patcher) -> "SampleSettings":
+        defaults = family_for(patcher.model, TrainConfig()).sampling_defaults()
+        return replace(
+            self,
+            steps=self.steps or defaults["steps"],
+            cfg=self.cfg or defaults["cfg"],
+            guidance=(self.guidance or defaults["guidance"]) if defaults["guidance"] is not None else 0.0,
+            sampler=self.sampler or defaults["sampler"],
+            scheduler=self.scheduler or defaults["scheduler"],
+        )
+
+
+@dataclass
+class EncodedPrompts:
+    positives: list[list]
+    negative: list
+
+
+def encode_prompts(clip, settings: SampleSettings) -> EncodedPrompts:
+    """Text conditionings, computed once: a run samples many times from the same prompts."""
+
+    def encode(text: str) -> list:
+        conditioning = clip.encode_from_tokens_scheduled(clip.tokenize(text))
+        # SDXL's size embedding reads these; the other families ignore them.
+        size = {"width": settings.width, "height": settings.height,
+                "target_width": settings.width, "target_height": settings.height}
+        if settings.guidance:
+            size["guidance"] = settings.guidance
+        return node_helpers.conditioning_set_values(conditioning, size)
+
+    return EncodedPrompts([encode(p) for p in settings.prompts], encode(settings.negative))
+
+
+def sample_images(patcher, vae, encoded: EncodedPrompts, settings: SampleSettings) -> torch.Tensor:
+    """One image per prompt, all from the same seed: (N, H, W, 3) floats in [0, 1]."""
+    channels = patcher.get_model_object("latent_format").latent_channels
+    empty = torch.zeros(1, channels, settings.height // 8, settings.width // 8)
+    images = []
+    for positive in encoded.positives:
+        noise = comfy.sample.prepare_noise(empty, settings.seed)
+        latents = comfy.sample.sample(
+            patcher, noise, settings.steps, settings.cfg, settings.sampler, settings.scheduler,
+            positive, encoded.negative, empty, seed=settings.seed, disable_pbar=True,
+        )
+        images.append(vae.decode(latents).to(comfy.model_management.intermediate_device()))
+    return torch.cat(images).clamp(0, 1)
+
+
+class SampleHook(JobHook):
+    """Periodic preview images of a run, with the LoRA as trained so far, saved as PNGs under
+    `folder` and reported as "sample" events; also once when the run finishes."""
+
+    def __init__(self, vae, encoded: EncodedPrompts, settings: SampleSettings, every: int, folder: str | Path):
+        self.vae = vae
+        self.encoded = encoded
+        self.settings = settings
+        self.every = every
+        self.folder = Path(folder)
+
+    def on_step(self, trainer) -> list[Event]:
+        try:
+            images = sample_images(trainer.patcher, self.vae, self.encoded, self.settings)
+        except comfy.model_management.InterruptProcessingException:
+            # ComfyUI's Cancel reached the sampler first, which cleared the flag on its way out.
+            # Raise it again, so whoever watches the run cancels it the usual way (and saves).
+            comfy.model_management.interrupt_current_processing(True)
+            return []
+        # Sampling may have moved the model off the device to make room for the VAE.
+        comfy.model_management.load_models_gpu([trainer.patcher], force_full_load=True)
+        step = trainer.state.step
+        self.folder.mkdir(parents=True, exist_ok=True)
+        files = []
+        for index, image in enumerate(images):
+            path = self.folder / f"step{step:06d}_{index:02d}.png"
+            Image.fromarray((image.cpu().numpy() * 255).round().astype("uint8")).save(path)
+            files.append(str(path))
+        prompts = list(self.settings.prompts)
+        return [Event("sample", {"step": step, "images": images, "files": files, "prompts": prompts})]
+
+    def on_end(self, trainer, cancelled: bool) -> list[Event]:
+        return [] if cancelled else self.on_step(trainer)
