@@ -1,5 +1,6 @@
 """Calls into ComfyUI internals that differ, or may differ, between the supported host versions."""
 
+import comfy.model_management
 import folder_paths
 
 
@@ -15,3 +16,19 @@ def forget_file_list(folder_name: str) -> None:
     for cache in (getattr(folder_paths, "filename_list_cache", None), getattr(request_cache, "cache", None)):
         if cache is not None:
             cache.pop(folder_name, None)
+
+
+def unload_models(patchers) -> None:
+    """Moves the models of `patchers` (and of their clones) to their offload device and drops them from
+    ComfyUI's list of loaded models, leaving every other model where it is.
+
+    ComfyUI has no public call for this: `unload_all_models` would also unload the model about to train,
+    and `free_memory` unloads by size, not by model. This uses `current_loaded_models` and
+    `LoadedModel.model_unload` as in 0.3.75.
+    """
+    loaded = comfy.model_management.current_loaded_models
+    for index in reversed(range(len(loaded))):
+        model = loaded[index].model
+        if model is not None and any(model.is_clone(patcher) for patcher in patchers):
+            loaded.pop(index).model_unload()
+    comfy.model_management.soft_empty_cache()

@@ -189,15 +189,24 @@ class Trainer:
                 comfy.model_management.soft_empty_cache()
 
     def _prepare_samples(self) -> None:
-        # Tensors made under inference mode cannot be saved for backward: copy them once.
+        # Tensors made under inference mode cannot be saved for backward: copy them once. Samples
+        # share tensors (repeats, flipped twins, caption variants): each is moved once.
+        moved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
         def ready(tensor: torch.Tensor) -> torch.Tensor:
-            tensor = tensor.to(self.device)
-            return tensor.clone() if tensor.is_inference() else tensor
+            if id(tensor) not in moved:
+                on_device = tensor.to(self.device)
+                # The original stays in the table, so its id cannot be reused by another tensor.
+                moved[id(tensor)] = (tensor, on_device.clone() if on_device.is_inference() else on_device)
+            return moved[id(tensor)][1]
+
+        def ready_all(conditioning: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {k: ready(v) for k, v in conditioning.items()}
 
         for sample in self.samples:
             sample.latents = ready(sample.latents)
-            sample.conditioning = {k: ready(v) for k, v in sample.conditioning.items()}
-            sample.alternatives = [(p, {k: ready(v) for k, v in c.items()}) for p, c in sample.alternatives]
+            sample.conditioning = ready_all(sample.conditioning)
+            sample.alternatives = [(p, ready_all(c)) for p, c in sample.alternatives]
 
     def release(self) -> None:
         """Gives the training memory back: the LoRA moves to the CPU, optimizer state is dropped."""
