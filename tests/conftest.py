@@ -9,6 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# The tiny test models make many small ops; a second OpenMP thread only spin-waits against the
+# live server and other processes (10x slower steps were seen on 2 busy cores).
+torch.set_num_threads(1)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
