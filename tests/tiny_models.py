@@ -102,7 +102,7 @@ TINY_SD3_UNET = {
 }
 
 
-def flux_unet(variant: str, hidden_size: int, num_heads: int, axes_dim: list[int]) -> dict:
+def _flux_unet(variant: str, hidden_size: int, num_heads: int, axes_dim: list[int]) -> dict:
     if variant not in ("dev", "schnell"):
         raise ValueError(f"Flux variant must be 'dev' or 'schnell', got {variant!r}")
     return {
@@ -129,7 +129,7 @@ FLUX_CONFIG_CLASSES = {"dev": comfy.supported_models.Flux, "schnell": comfy.supp
 V_PRED_MARKER = {"v_pred": torch.tensor([])}
 
 
-def prediction_marker(prediction: str) -> dict:
+def _prediction_marker(prediction: str) -> dict:
     if prediction not in ("eps", "v"):
         raise ValueError(f"SDXL prediction must be 'eps' or 'v', got {prediction!r}")
     return V_PRED_MARKER if prediction == "v" else {}
@@ -265,7 +265,7 @@ def build_sdxl(prediction: str = "eps") -> comfy.model_patcher.ModelPatcher:
 
     model_type EPS for "eps", V_PREDICTION for "v"; both have the same weights.
     """
-    marker = prediction_marker(prediction)
+    marker = _prediction_marker(prediction)
     return _cached(f"sdxl_{prediction}", lambda: _build_direct(comfy.supported_models.SDXL(TINY_SDXL_UNET), marker))
 
 
@@ -290,7 +290,7 @@ def build_flux(variant: str = "dev") -> comfy.model_patcher.ModelPatcher:
 
     dev embeds guidance (model_type FLUX), schnell does not (FLOW).
     """
-    config = flux_unet(variant, hidden_size=128, num_heads=2, axes_dim=[8, 28, 28])
+    config = _flux_unet(variant, hidden_size=128, num_heads=2, axes_dim=[8, 28, 28])
     return _cached(f"flux_{variant}", lambda: _build_direct(FLUX_CONFIG_CLASSES[variant](config)))
 
 
@@ -300,9 +300,10 @@ def build_flux_full_width(variant: str = "dev") -> comfy.model_patcher.ModelPatc
     A bf16 diffusion-model file through comfy.sd.load_diffusion_model, loaded in the dtype ComfyUI picks (fp32 on
     CPU). Only the latest full-size model stays cached.
     """
+    unet = _flux_unet(variant, hidden_size=3072, num_heads=24, axes_dim=[16, 56, 56])
 
     def load() -> comfy.model_patcher.ModelPatcher:
-        config = FLUX_CONFIG_CLASSES[variant](flux_unet(variant, hidden_size=3072, num_heads=24, axes_dim=[16, 56, 56]))
+        config = FLUX_CONFIG_CLASSES[variant](unet)
         path = _model_file(f"flux_{variant}_full_width", lambda p: _write_model_file(p, config, torch.bfloat16, ""))
         patcher = comfy.sd.load_diffusion_model(str(path))
         _check_loaded(patcher, path, "")
@@ -317,7 +318,7 @@ def build_sdxl_full(prediction: str = "eps") -> comfy.model_patcher.ModelPatcher
     Both predictions share one file; "v" adds ComfyUI's `v_pred` marker key to the loaded state dict before
     load_state_dict_guess_config (the function load_checkpoint_guess_config hands the file's contents to).
     """
-    marker = prediction_marker(prediction)
+    marker = _prediction_marker(prediction)
 
     def load() -> comfy.model_patcher.ModelPatcher:
         config = comfy.supported_models.SDXL(FULL_SDXL_UNET)
