@@ -248,3 +248,37 @@ def test_learning_rate_schedules(schedule, expected):
     trainer.run(lambda t, reports: lrs.extend(r.lr for r in reports))
     expected_lrs = 1e-3 * torch.tensor(expected, dtype=torch.float64)
     torch.testing.assert_close(torch.tensor(lrs, dtype=torch.float64), expected_lrs)
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux_dev"])
+def test_base_weights_get_no_gradient_and_keep_their_flags(name):
+    patcher = MODEL_FACTORIES[name]()
+    parameters = list(patcher.model.diffusion_model.parameters())
+    flags = [p.requires_grad for p in parameters]
+    trainer = Trainer(patcher, fixed_samples(patcher, 2), LoraConfig(rank=4),
+                      train_config(steps=2, gradient_checkpointing=True))
+    trainer.run()
+    assert all(p.grad is None for p in patcher.model.diffusion_model.parameters())
+    assert [p.requires_grad for p in patcher.model.diffusion_model.parameters()] == flags
+
+
+def test_weights_moved_outside_inference_mode_are_made_trainable():
+    """Tensors made from inference tensors outside inference mode (as a device move does) report
+    is_inference() False but have no version counter; the trainer copies them too."""
+    patcher = MODEL_FACTORIES["sd3"]().clone()
+    with torch.inference_mode():
+        model = copy.deepcopy(patcher.model)
+    model._apply(lambda t: t.clone())
+    patcher.model = model
+    trainer = Trainer(patcher, fixed_samples(patcher, 2), LoraConfig(rank=4), train_config(steps=2))
+    trainer.run()
+    assert all(torch.isfinite(p).all() for p in trainer.network.parameters())
+
+
+def test_a_trainer_built_under_inference_mode_trains():
+    """ComfyUI calls a node's execute() under torch.inference_mode()."""
+    patcher = MODEL_FACTORIES["flux_dev"]()
+    with torch.inference_mode():
+        trainer = Trainer(patcher, fixed_samples(patcher, 2), LoraConfig(rank=4), train_config(steps=2))
+    trainer.run()
+    assert not any(p.is_inference() for p in trainer.network.parameters())

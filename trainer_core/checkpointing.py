@@ -54,11 +54,22 @@ def make_autograd_safe(module: nn.Module) -> int:
     with torch.inference_mode(False):
         for owner in module.modules():
             for name, param in list(owner._parameters.items()):
-                if param is not None and param.is_inference():
+                if param is not None and _untrackable(param):
                     owner._parameters[name] = nn.Parameter(param.clone(), requires_grad=False)
                     copied += 1
             for name, buffer in list(owner._buffers.items()):
-                if buffer is not None and buffer.is_inference():
+                if buffer is not None and _untrackable(buffer):
                     owner._buffers[name] = buffer.clone()
                     copied += 1
     return copied
+
+
+def _untrackable(tensor: torch.Tensor) -> bool:
+    """True for inference tensors, and for tensors made from them outside inference mode
+    (moved to a device, say), which report is_inference() False but have no version counter."""
+    if tensor.is_inference():
+        return True
+    try:
+        return tensor._version < 0  # never true: reading the counter is the check
+    except RuntimeError:
+        return True

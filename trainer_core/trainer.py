@@ -147,13 +147,17 @@ class Trainer:
         self.family = family_for(patcher.model, config)
         self.samples = list(samples)
         self.order = BatchOrder([tuple(s.latents.shape) for s in self.samples], config.batch_size, config.seed)
-        # One generator for timesteps and noise, drawn per sample so that batching does not
-        # change the draws; dropout uses torch's global generator, seeded alongside it.
+        # One generator on the training device for timesteps and noise (no host round trip per
+        # step), drawn per sample so that batching does not change the draws; one on the CPU for
+        # caption variants; dropout uses torch's global generators, seeded alongside.
         torch.manual_seed(config.seed)
-        self.generator = torch.Generator().manual_seed(config.seed)
-        self.network = network or LoraNetwork.create(self.family.diffusion_model, self.family.layer_kind, lora)
-        self.network.to(self.device)
-        self.optimizer = build_optimizer(list(self.network.parameters()), config)
+        self.generator = torch.Generator(self.device).manual_seed(config.seed)
+        self.caption_generator = torch.Generator().manual_seed(config.seed)
+        # ComfyUI runs nodes under inference mode; parameters made there could not be trained.
+        with torch.inference_mode(False):
+            self.network = network or LoraNetwork.create(self.family.diffusion_model, self.family.layer_kind, lora)
+            self.network.to(self.device)
+            self.optimizer = build_optimizer(list(self.network.parameters()), config)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
         self.state = RunState()
         self._batches: list[list[int]] = []
@@ -167,13 +171,19 @@ class Trainer:
     @contextlib.contextmanager
     def session(self):
         """The model on the training device, gradients on, LoRA and checkpoints installed."""
-        with torch.inference_mode(False), torch.enable_grad():
+        with torch.inference_mode():
+            # Weights moved here are inference tensors, which make_autograd_safe then copies;
+            # moved outside inference mode they would lack autograd's version counter.
             comfy.model_management.load_models_gpu([self.patcher], force_full_load=True)
+        with torch.inference_mode(False), torch.enable_grad():
             diffusion_model = self.family.diffusion_model
             make_autograd_safe(diffusion_model)
-            self._prepare_samples()
+            # Only the LoRA learns: no base weight may collect a gradient.
+            trainable = [(p, p.requires_grad) for p in diffusion_model.parameters()]
+            diffusion_model.requires_grad_(False)
             blocks = self.family.checkpoint_blocks() if self.config.gradient_checkpointing else []
             try:
+                self._prepare_samples()
                 with (
                     # cuDNN's attention backward failed on Flux shapes (illegal memory access) on
                     # H100 with torch 2.11; flash, memory-efficient and math kernels are fine.
@@ -186,6 +196,8 @@ class Trainer:
                     yield self
             finally:
                 self.network.eval()
+                for parameter, requires_grad in trainable:
+                    parameter.requires_grad_(requires_grad)
                 comfy.model_management.soft_empty_cache()
 
     def _prepare_samples(self) -> None:
@@ -223,6 +235,7 @@ class Trainer:
             "data_epoch": self.state.data.epoch,
             "data_batch": self.state.data.batch,
             "generator": self.generator.get_state(),
+            "caption_generator": self.caption_generator.get_state(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
             "optimizer": self.optimizer.state_dict(),
@@ -234,6 +247,7 @@ class Trainer:
         self.state = RunState(state["step"], state["samples_seen"], position)
         self._batches = []
         self.generator.set_state(state["generator"])
+        self.caption_generator.set_state(state["caption_generator"])
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"]:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -266,10 +280,10 @@ class Trainer:
     def draw_noise_and_timesteps(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         noises, timesteps = [], []
         for one in latents.split(1):
-            noise = torch.randn(one.shape, generator=self.generator)
+            noise = torch.randn(one.shape, generator=self.generator, device=self.device)
             noises.append(self.family.prepare_noise(noise, self.generator))
-            timesteps.append(self.family.sample_timesteps(one, self.generator).cpu())
-        return torch.cat(noises).to(latents), torch.cat(timesteps).to(latents.device)
+            timesteps.append(self.family.sample_timesteps(one, self.generator))
+        return torch.cat(noises).to(latents), torch.cat(timesteps)
 
     def _next_batch(self) -> tuple[torch.Tensor, dict]:
         position = self.state.data
@@ -285,7 +299,7 @@ class Trainer:
         position.batch += 1
         chosen = [self.samples[i] for i in indices]
         latents = torch.stack([s.latents for s in chosen])
-        drawn = [s.draw_conditioning(self.generator) for s in chosen]
+        drawn = [s.draw_conditioning(self.caption_generator) for s in chosen]
         conditioning = {k: torch.stack([c[k] for c in drawn]) for k in drawn[0]}
         return latents, conditioning
 

@@ -102,14 +102,14 @@ class FlowFamily(Family):
         batch = latents.shape[0]
         cfg = self.config
         if cfg.timestep_sampling == "uniform":
-            sigmas = torch.rand(batch, generator=generator)
+            sigmas = torch.rand(batch, generator=generator, device=generator.device)
         else:
             mean = cfg.logit_mean if cfg.timestep_sampling == "logit_normal" else 0.0
             std = cfg.logit_std if cfg.timestep_sampling == "logit_normal" else 1.0
-            sigmas = torch.sigmoid(mean + std * torch.randn(batch, generator=generator))
+            sigmas = torch.sigmoid(mean + std * torch.randn(batch, generator=generator, device=generator.device))
         if cfg.timestep_sampling != "sigmoid":
             sigmas = self.shift_sigmas(sigmas, latents)
-        return sigmas.to(latents.device)
+        return sigmas
 
     def noisy_input_and_target(self, latents, noise, timesteps):
         s = timesteps.view(-1, *([1] * (latents.ndim - 1))).to(latents.dtype)

@@ -33,13 +33,13 @@ class SDXL(Family):
 
     def sample_timesteps(self, latents, generator):
         steps = self.model.model_sampling.sigmas.shape[0]
-        return torch.randint(0, steps, (latents.shape[0],), generator=generator).to(latents.device)
+        return torch.randint(0, steps, (latents.shape[0],), generator=generator, device=generator.device)
 
     def prepare_noise(self, noise, generator):
         if self.config.noise_offset == 0:
             return noise
-        offset = torch.randn(noise.shape[0], noise.shape[1], 1, 1, generator=generator).to(noise)
-        return noise + self.config.noise_offset * offset
+        offset = torch.randn(noise.shape[0], noise.shape[1], 1, 1, generator=generator, device=generator.device)
+        return noise + self.config.noise_offset * offset.to(noise)
 
     def noisy_input_and_target(self, latents, noise, timesteps):
         abar = self._alphas_cumprod(timesteps).view(-1, 1, 1, 1).to(latents.dtype)
