@@ -2,17 +2,19 @@
 
 from comfy_api.latest import ComfyExtension, io
 
-from .nodes.dataset import DatasetNode
-from .nodes.load_base_model import LoadBaseModelNode
-from .nodes.lora_config import LoraConfigNode
-from .nodes.sample_preview import SamplePreviewNode
-from .nodes.train_lora import TrainLoraNode
-
 WEB_DIRECTORY = "./web"
 
 
 class LoraTrainerExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        # Imported when ComfyUI asks, not at import time: pytest imports this file on its own
+        # (outside any package) because the repository root is the pack's folder.
+        from .nodes.dataset import DatasetNode
+        from .nodes.load_base_model import LoadBaseModelNode
+        from .nodes.lora_config import LoraConfigNode
+        from .nodes.sample_preview import SamplePreviewNode
+        from .nodes.train_lora import TrainLoraNode
+
         return [LoadBaseModelNode, DatasetNode, LoraConfigNode, TrainLoraNode, SamplePreviewNode]
 
 
