@@ -6,8 +6,9 @@ PY := $(VENV)/bin/python
 DEV_STAMP := $(VENV)/.dev-requirements-installed
 HOST_STAMP := .comfyui/.provisioned-0.3.75
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
-.PHONY: test test-all lint host venv clean-host
+.PHONY: test test-all lint host venv clean-host demo
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +31,11 @@ test: lint host
 # Also the slow tests: full-width Flux and full-size SDXL through ComfyUI's real loaders.
 test-all: lint host
 	$(PY) -m pytest --run-slow $(PYTEST_ARGS)
+
+# A tiny LoRA training run in a live ComfyUI with this pack (README, "Demo"). ComfyUI keeps running
+# until Ctrl+C; `make demo DEMO_ARGS=--exit` stops it when the run is done.
+demo: host
+	$(PY) scripts/demo.py $(DEMO_ARGS)
 
 clean-host:
 	rm -rf .comfyui

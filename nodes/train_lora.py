@@ -3,6 +3,7 @@ import time
 import comfy.model_management
 import comfy.utils
 import folder_paths
+import torch
 from comfy_api.latest import io
 from PIL import Image
 
@@ -52,7 +53,8 @@ class TrainLoraNode(io.ComfyNode):
                                tooltip="Compute precision (fp16 uses a gradient scaler)."),
                 io.Boolean.Input("gradient_checkpointing", default=True,
                                  tooltip="Recompute each block in backward: much less memory, ~30% slower."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF,
+                # A training run is repeated to resume or compare, never to reroll: no randomize widget.
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=False,
                              tooltip="Seed of noise, timesteps and data order."),
                 io.Int.Input("save_every", default=250, min=0, max=1_000_000,
                              tooltip="Save a resumable checkpoint every N steps (0: only at the end or on Cancel)."),
@@ -64,7 +66,8 @@ class TrainLoraNode(io.ComfyNode):
                              tooltip="Preview images every N steps (0: only at the end)."),
                 io.String.Input("sample_prompts", multiline=True, default="",
                                 tooltip="One prompt per line for the previews; empty: no previews."),
-                io.Int.Input("sample_seed", default=42, min=0, max=0xFFFFFFFF, tooltip="Seed of the previews."),
+                io.Int.Input("sample_seed", default=42, min=0, max=0xFFFFFFFF, control_after_generate=False,
+                             tooltip="Seed of the previews."),
                 io.Int.Input("sample_size", default=1024, min=64, max=4096, step=64,
                              tooltip="Side of the square previews in pixels."),
                 io.String.Input("resume_from", default="",
@@ -73,7 +76,10 @@ class TrainLoraNode(io.ComfyNode):
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The input model with the trained LoRA applied."),
-                io.String.Output(display_name="lora_name", tooltip="The file name as the LoRA Loader lists it."),
+                # Any type: ComfyUI refuses a STRING link into a file list (the LoRA Loader's lora_name) at
+                # validation, and an output typed as that list goes stale once a run adds a file to it.
+                io.AnyType.Output(display_name="lora_name", tooltip="The file name as the LoRA Loader lists it; "
+                                  "connect it to a LoRA Loader's lora_name."),
                 io.Custom("LORA_LOSS_HISTORY").Output(display_name="loss_history"),
             ],
         )
@@ -100,7 +106,10 @@ class TrainLoraNode(io.ComfyNode):
         trainer = Trainer(model, samples, lora_config, train)
         if resume_from.strip():
             target = export.checkpoints_folder(save) if resume_from.strip() == "latest" else resume_from.strip()
-            export.resume(trainer, target)
+            # ComfyUI runs nodes under inference mode: optimizer state loaded there would be made of
+            # inference tensors, which the training thread cannot update in place.
+            with torch.inference_mode(False):
+                export.resume(trainer, target)
         hooks = [export.CheckpointHook(save, started_at=time.time())]
         if settings is not None:
             samples_folder = export.checkpoints_folder(save).parent / "samples"
@@ -117,20 +126,31 @@ class TrainLoraNode(io.ComfyNode):
         history = {"step": [], "loss": [], "lr": []}
         lora_name = ""
         cancelled = False
+
+        def show(step: int, preview=None) -> None:
+            try:
+                progress.update_absolute(step, total, preview)
+            except comfy.model_management.InterruptProcessingException:
+                # ComfyUI's progress hook raises on Cancel (and clears the flag): stop the run, and
+                # keep relaying its events until it has saved.
+                job.cancel()
+
         with job:
             for event in job.events():
-                if comfy.model_management.processing_interrupted() and not cancelled:
+                if comfy.model_management.processing_interrupted():
                     job.cancel()
-                    cancelled = True
                 if event.kind == "step":
                     for key in history:
                         history[key].append(event.data[key])
-                    progress.update_absolute(event.data["step"], total)
+                    show(event.data["step"])
                 elif event.kind == "sample":
                     image = Image.fromarray((event.data["images"][-1].cpu().numpy() * 255).round().astype("uint8"))
-                    progress.update_absolute(event.data["step"], total, ("JPEG", image, PREVIEW_SIDE))
+                    show(event.data["step"], ("JPEG", image, PREVIEW_SIDE))
                 elif event.kind == "saved" and event.data["kind"] == "lora":
                     lora_name = event.data["name"]
+                elif event.kind == "done":
+                    # Also true where ComfyUI's own check inside the model took the Cancel first.
+                    cancelled = event.data["cancelled"]
                 send_event(event)
         job.result()
         comfy.model_management.throw_exception_if_processing_interrupted()

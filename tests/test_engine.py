@@ -282,3 +282,18 @@ def test_a_trainer_built_under_inference_mode_trains():
         trainer = Trainer(patcher, fixed_samples(patcher, 2), LoraConfig(rank=4), train_config(steps=2))
     trainer.run()
     assert not any(p.is_inference() for p in trainer.network.parameters())
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux_dev"])
+def test_compiled_checkpointed_blocks_train_like_eager_ones(name):
+    """compile_blocks ("auto" turns it on for these families on a GPU) gives the eager losses."""
+    patcher = MODEL_FACTORIES[name]()
+    losses = {}
+    for mode in ("off", "on"):
+        trainer = Trainer(patcher, fixed_samples(patcher, 2), LoraConfig(rank=4),
+                          train_config(steps=2, gradient_checkpointing=True, compile_blocks=mode))
+        assert trainer.compiles_blocks is (mode == "on")
+        losses[mode] = run_collecting_losses(trainer)
+    torch.testing.assert_close(torch.tensor(losses["on"]), torch.tensor(losses["off"]), rtol=1e-4, atol=1e-5)
+    assert not Trainer(patcher, fixed_samples(patcher, 1), LoraConfig(rank=4), train_config()).compiles_blocks, \
+        "auto compiles only on a GPU"

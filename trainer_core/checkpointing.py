@@ -12,14 +12,20 @@ def _copy_tensors(values):
 
 
 @contextlib.contextmanager
-def gradient_checkpointing(blocks: list[nn.Module], copy_inputs: bool):
-    """Each block becomes its own checkpoint: its activations are recomputed in backward.
+def wrapped_blocks(blocks: list[nn.Module], checkpoint: bool, copy_inputs: bool, compile: bool):
+    """Per-block changes for a run: each block its own checkpoint (its activations recomputed in
+    backward) and/or compiled by torch.compile (fewer, fused kernels: less launch overhead).
 
     `copy_inputs` is for blocks that add into their input tensors in place: the checkpoint
     keeps the inputs to replay the block, so the block must work on copies of them.
     """
     for block in blocks:
-        block.forward = _checkpointed(block.forward, copy_inputs)
+        forward = block.forward
+        if compile:
+            forward = torch.compile(forward, dynamic=False)
+        if checkpoint:
+            forward = _checkpointed(forward, copy_inputs)
+        block.forward = forward
     try:
         yield
     finally:

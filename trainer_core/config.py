@@ -15,6 +15,7 @@ SCHEDULES = ("constant", "constant_with_warmup", "cosine", "linear")
 PRECISIONS = ("bf16", "fp16", "fp32")
 TIMESTEP_SAMPLING = ("logit_normal", "uniform", "sigmoid")
 LOSSES = ("mse", "huber")
+COMPILE_MODES = ("auto", "on", "off")
 SAVE_DTYPES = ("bf16", "fp16", "fp32")
 
 
@@ -77,6 +78,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     precision: str = "bf16"
     gradient_checkpointing: bool = True
+    # torch.compile each block: "auto" compiles on CUDA for families that compile cleanly.
+    compile_blocks: str = "auto"
     seed: int = 0
     loss: str = "mse"
     huber_delta: float = 0.1
@@ -105,6 +108,7 @@ class TrainConfig:
         _one_of(owner, "precision", self.precision, PRECISIONS)
         _one_of(owner, "timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLING)
         _one_of(owner, "loss", self.loss, LOSSES)
+        _one_of(owner, "compile_blocks", self.compile_blocks, COMPILE_MODES)
         _require(self.logit_std > 0, owner, "logit_std", f"must be > 0, got {self.logit_std!r}")
         _require(self.noise_offset >= 0, owner, "noise_offset", f"must be >= 0, got {self.noise_offset!r}")
         _require(self.min_snr_gamma >= 0, owner, "min_snr_gamma", "must be >= 0 (0 turns the weighting off)")

@@ -15,6 +15,7 @@ import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import comfy.model_management
 import torch
 
 from .lora import LoraNetwork
@@ -112,7 +113,12 @@ class TrainingJob:
     def _main(self) -> None:
         self._started_at = time.perf_counter()
         try:
-            self.trainer.run(self._between_steps)
+            try:
+                self.trainer.run(self._between_steps)
+            except comfy.model_management.InterruptProcessingException:
+                # ComfyUI's ops check its Cancel flag (and clear it) inside the model's forward: the
+                # step in flight is dropped, and the run ends as cancelled at the last whole step.
+                self._cancel.set()
             cancelled = self._cancel.is_set()
             with self._paused():
                 for hook in self.hooks:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .checkpointing import gradient_checkpointing, make_autograd_safe
+from .checkpointing import make_autograd_safe, wrapped_blocks
 from .config import ConfigError, LoraConfig, TrainConfig
 from .families import family_for
 from .lora import LoraNetwork
@@ -181,7 +181,9 @@ class Trainer:
             # Only the LoRA learns: no base weight may collect a gradient.
             trainable = [(p, p.requires_grad) for p in diffusion_model.parameters()]
             diffusion_model.requires_grad_(False)
-            blocks = self.family.checkpoint_blocks() if self.config.gradient_checkpointing else []
+            cfg = self.config
+            compile_blocks = self.compiles_blocks
+            blocks = self.family.checkpoint_blocks() if cfg.gradient_checkpointing or compile_blocks else []
             try:
                 self._prepare_samples()
                 with (
@@ -190,7 +192,8 @@ class Trainer:
                     sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]),
                     self.network.attached(diffusion_model),
                     self.family.training_patches(),
-                    gradient_checkpointing(blocks, self.family.blocks_mutate_inputs),
+                    wrapped_blocks(blocks, cfg.gradient_checkpointing, self.family.blocks_mutate_inputs,
+                                   compile_blocks),
                 ):
                     self.network.train()
                     yield self
@@ -199,6 +202,14 @@ class Trainer:
                 for parameter, requires_grad in trainable:
                     parameter.requires_grad_(requires_grad)
                 comfy.model_management.soft_empty_cache()
+
+    @property
+    def compiles_blocks(self) -> bool:
+        """Whether the run compiles its blocks: on a GPU, compiled blocks launch far fewer kernels
+        (eager steps are bound by Python and launch overhead; see bench/NOTES.md)."""
+        if self.config.compile_blocks == "auto":
+            return self.device.type == "cuda" and self.family.compiles_cleanly
+        return self.config.compile_blocks == "on"
 
     def _prepare_samples(self) -> None:
         # Tensors made under inference mode cannot be saved for backward: copy them once. Samples

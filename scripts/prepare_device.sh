@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# Builds .device/ (git-ignored): what the GPU machine needs for bench/bench.py and lacks, to be named in
+# the device call's `carry`. Its image has torch, transformers, safetensors, numpy, einops, scipy, PIL,
+# tqdm, psutil, yaml (see the device's KINDS.md) but no network, so it gets:
+#   .device/comfyui/  the ComfyUI host (COMFYUI_PATH or .comfyui/), without tests, docs, API nodes and the
+#                     tokenizer data of models we never load (Llama, Qwen, ...: 15 MB of the 25)
+#   .device/whl/      wheels for Python 3.12 / manylinux x86_64: torchsde + trampoline (comfy.samplers
+#                     imports them), av (comfy_api.latest imports it at the top, for its video types),
+#                     bitsandbytes (AdamW8bit) cut down to its CPU and CUDA $BNB_CUDA libraries.
+# The device call's working tree (tracked + untracked files + carried folders) must stay under 64 MiB;
+# the script prints the total and fails above it.
+# Use: scripts/prepare_device.sh   (env: PYTHON, COMFYUI_PATH, BNB_CUDA=130 for torch's cu130 build)
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+HOST=${COMFYUI_PATH:-$ROOT/.comfyui}
+OUT=$ROOT/.device
+PY=${PYTHON:-$ROOT/.venv/bin/python}
+BNB_CUDA=${BNB_CUDA:-130}
+LIMIT=$((64 * 1024 * 1024))
+WHEELS=(bitsandbytes==0.50.2 torchsde==0.2.6 trampoline==0.1.2 av==18.1.0)
+
+[[ -f $HOST/comfy/cli_args.py ]] || { echo "no ComfyUI at $HOST: run 'make host' or set COMFYUI_PATH" >&2; exit 1; }
+[[ -x $PY ]] || PY=python3
+grep -qx '.device/' "$ROOT/.gitignore" || echo '.device/' >>"$ROOT/.gitignore"
+rm -rf "$OUT"
+mkdir -p "$OUT/comfyui" "$OUT/whl"
+
+echo "ComfyUI from $HOST"
+excluded=(
+    ./.git ./.provisioned-* ./tests ./tests-unit ./script_examples ./comfy_api_nodes ./user ./temp ./output
+    ./README.md ./CONTRIBUTING.md ./CODEOWNERS ./QUANTIZATION.md
+    # The pack's own link (and whatever else is installed there) stays behind.
+    './custom_nodes/*'
+    # Tokenizers of models we never load; SDXL/SD3/Flux need only sd1_tokenizer (CLIP) and t5_tokenizer.
+    ./comfy/text_encoders/llama_tokenizer ./comfy/text_encoders/qwen25_tokenizer
+    ./comfy/text_encoders/t5_pile_tokenizer ./comfy/text_encoders/hydit_clip_tokenizer
+    ./comfy/text_encoders/ace_lyrics_tokenizer ./comfy/text_encoders/byt5_tokenizer
+    __pycache__ '*.pyc'
+)
+tar -C "$HOST" "${excluded[@]/#/--exclude=}" -cf - . | tar -C "$OUT/comfyui" -xf -
+mkdir -p "$OUT/comfyui/custom_nodes"
+
+echo "wheels: ${WHEELS[*]}"
+download=$(mktemp -d)
+trap 'rm -rf "$download"' EXIT
+"$PY" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
+    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
+    -d "$download" "${WHEELS[@]}" 2> >(grep -v "^WARNING: Location" >&2)
+for wheel in "$download"/*.whl; do
+    case $(basename "$wheel") in
+        bitsandbytes-*) ;;
+        *) cp "$wheel" "$OUT/whl/" ;;
+    esac
+done
+
+# bitsandbytes ships one 4-26 MB library per CUDA, ROCm and XPU version (43 MB in all); torch on the
+# device is a CUDA 13.0 build, and bitsandbytes loads libbitsandbytes_cuda<torch.version.cuda>.so.
+"$PY" - "$download"/bitsandbytes-*.whl "$OUT/whl" "$BNB_CUDA" <<'PYTHON'
+import re
+import sys
+import zipfile
+from pathlib import Path
+
+source, target_dir, cuda = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+kept_libraries = {"cpu", f"cuda{cuda}"}
+
+
+def wanted(name: str) -> bool:
+    library = re.search(r"libbitsandbytes_(\w+)\.(so|dll|dylib)$", name)
+    return library is None or library.group(1) in kept_libraries
+
+
+with zipfile.ZipFile(source) as wheel, zipfile.ZipFile(target_dir / source.name, "w", zipfile.ZIP_DEFLATED) as cut:
+    names = [info.filename for info in wheel.infolist()]
+    if not any(name.endswith(f"libbitsandbytes_cuda{cuda}.so") for name in names):
+        sys.exit(f"{source.name} has no CUDA {cuda} library; set BNB_CUDA to one of its versions")
+    for info in wheel.infolist():
+        if not wanted(info.filename):
+            continue
+        data = wheel.read(info)
+        if info.filename.endswith(".dist-info/RECORD"):
+            # The installer reads RECORD to know the files: list only those still in the wheel.
+            lines = [line for line in data.decode().splitlines() if wanted(line.split(",")[0])]
+            data = ("\n".join(lines) + "\n").encode()
+        cut.writestr(info, data)
+PYTHON
+
+# The trimmed host must still import what the bench uses (run on the CPU here).
+COMFYUI_PATH=$OUT/comfyui PYTHONDONTWRITEBYTECODE=1 "$PY" - <<'PYTHON'
+import os
+import sys
+
+sys.path.insert(0, os.environ["COMFYUI_PATH"])
+import comfy.options
+
+comfy.options.enable_args_parsing(False)
+from comfy.cli_args import args
+
+args.cpu = True
+import comfy.model_management  # noqa: E402,F401
+import comfy.samplers  # noqa: E402,F401
+import comfy.sd  # noqa: E402,F401
+import comfy_api.latest  # noqa: E402,F401
+import comfy_extras.nodes_train  # noqa: E402,F401
+
+print("trimmed host imports: ok")
+PYTHON
+
+# What the device call sends: tracked and untracked-not-ignored files, plus .device.
+repo_bytes=$(cd "$ROOT" && git ls-files -z --cached --others --exclude-standard |
+    xargs -0 -r stat -c %s -- 2>/dev/null | awk '{s += $1} END {print s + 0}')
+device_bytes=$(find "$OUT" -type f -printf '%s\n' | awk '{s += $1} END {print s + 0}')
+total=$((repo_bytes + device_bytes))
+mib() { awk -v b="$1" 'BEGIN {printf "%.1f MiB", b / 1048576}'; }
+echo "comfyui $(mib "$(find "$OUT/comfyui" -type f -printf '%s\n' | awk '{s += $1} END {print s + 0}')")"
+for wheel in "$OUT"/whl/*.whl; do echo "$(basename "$wheel") $(mib "$(stat -c %s "$wheel")")"; done
+echo "carry total: repo $(mib "$repo_bytes") + .device $(mib "$device_bytes") = $(mib "$total") of $(mib "$LIMIT")"
+if ((total > LIMIT)); then
+    echo "over the device's 64 MiB limit" >&2
+    exit 1
+fi
