@@ -443,3 +443,44 @@ def test_a_live_comfyui_samples_differently_with_the_lora(comfy_server: ComfySer
     assert torch.isfinite(with_lora).all()
     assert relative_error(with_lora, without) > 1e-2
     assert "lora key not loaded" not in comfy_server.log_text()[log_start:]
+
+
+def test_cancel_inside_the_model_resumes_as_if_never_interrupted(tmp_path):
+    """ComfyUI's Cancel raises InterruptProcessingException from inside the model's forward (its ops
+    check the flag): the step in flight is dropped without a trace, the cancel's checkpoint is the
+    last whole step, and resuming from it gives the uninterrupted run's weights."""
+    import comfy.model_management
+
+    lora = LoraConfig(rank=4, alpha=4.0, dropout=0.1)
+    config = train_config(steps=5, optimizer="adamw", max_grad_norm=0.5)
+    patcher = MODEL_FACTORIES["sd3"]()
+    straight = Trainer(patcher, samples(patcher), lora, config)
+    straight.run()
+
+    save = SaveConfig(name="interrupted", output_dir=str(tmp_path))
+    first_half = Trainer(patcher, samples(patcher), lora, config)
+    block = patcher.model.diffusion_model.joint_blocks[1]
+    calls = []
+
+    def interrupt_in_step_four(module, args):
+        calls.append(first_half.state.step)
+        if first_half.state.step == 3:  # the fourth step, after its batch and noise were drawn
+            raise comfy.model_management.InterruptProcessingException()
+
+    handle = block.register_forward_pre_hook(interrupt_in_step_four)
+    try:
+        job = TrainingJob(first_half, [export.CheckpointHook(save)])
+        with job:
+            events = list(job.events())
+        job.result()
+    finally:
+        handle.remove()
+    assert events[-1].kind == "done" and events[-1].data["cancelled"] is True
+    assert [(e.data["kind"], e.data["step"]) for e in events if e.kind == "saved"] == [("checkpoint", 3)]
+
+    second_half = Trainer(patcher, samples(patcher), lora, config)
+    export.resume(second_half, export.checkpoints_folder(save))
+    assert second_half.state.step == 3
+    second_half.run()
+    expected, actual = weights_of(straight), weights_of(second_half)
+    assert all(torch.equal(actual[k], expected[k]) for k in expected)

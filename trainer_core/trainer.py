@@ -240,6 +240,16 @@ class Trainer:
 
     def resume_state(self) -> dict:
         """What a resumed run needs besides the LoRA weights: plain values and tensors only."""
+        return {**self._progress(), "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
+
+    def load_resume_state(self, state: dict) -> None:
+        self._restore_progress(state)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+
+    def _progress(self) -> dict:
+        """Where the run is: step, data position and every random generator it draws from."""
         return {
             "step": self.state.step,
             "samples_seen": self.state.samples_seen,
@@ -249,11 +259,9 @@ class Trainer:
             "caption_generator": self.caption_generator.get_state(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
         }
 
-    def load_resume_state(self, state: dict) -> None:
+    def _restore_progress(self, state: dict) -> None:
         position = DataPosition(state["data_epoch"], state["data_batch"])
         self.state = RunState(state["step"], state["samples_seen"], position)
         self._batches = []
@@ -262,9 +270,6 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"]:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if state["scaler"]:
-            self.scaler.load_state_dict(state["scaler"])
 
     # -- the objective -------------------------------------------------------------------
 
@@ -324,13 +329,21 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total = torch.zeros((), device=self.device)
-        for _ in range(cfg.gradient_accumulation):
-            latents, conditioning = self._next_batch()
-            noise, timesteps = self.draw_noise_and_timesteps(latents)
-            loss = self.loss(latents, conditioning, noise, timesteps)
-            self.scaler.scale(loss / cfg.gradient_accumulation).backward()
-            total += loss.detach() / cfg.gradient_accumulation
-            self.state.samples_seen += latents.shape[0]
+        before = self._progress()
+        try:
+            for _ in range(cfg.gradient_accumulation):
+                latents, conditioning = self._next_batch()
+                noise, timesteps = self.draw_noise_and_timesteps(latents)
+                loss = self.loss(latents, conditioning, noise, timesteps)
+                self.scaler.scale(loss / cfg.gradient_accumulation).backward()
+                total += loss.detach() / cfg.gradient_accumulation
+                self.state.samples_seen += latents.shape[0]
+        except BaseException:
+            # A step that does not finish (ComfyUI's Cancel raises inside the model's forward)
+            # leaves no trace, so a checkpoint saved next resumes exactly where it would have gone on.
+            self.optimizer.zero_grad(set_to_none=True)
+            self._restore_progress(before)
+            raise
         if cfg.max_grad_norm > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), cfg.max_grad_norm)
