@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import safetensors.torch
+import torch
 from graph_data import write_dataset, write_sd3_loader_files
 from live_server import ComfyServer, ComfyServerError, EventStream
 from PIL import Image
@@ -202,6 +204,18 @@ def test_cancel_saves_a_checkpoint_that_a_second_prompt_resumes_from(comfy_serve
 
     assert [s["step"] for s in trainer_events(events, "step")] == [last_step + 1, last_step + 2]
     assert trainer_events(events, "saved")[-1]["name"] == f"{name}/{name}.safetensors"
+
+    # The same run without the interruption gives the same LoRA.
+    straight_name = unique("graph-straight")
+    straight = training_graph(tiny_loader("flux_dev"), dataset, straight_name, steps=last_step + 2, save_every=0,
+                              sample_prompts="")
+    with comfy_server.events() as events:
+        run(events, straight)
+    loras = comfy_server.models_dir / "loras"
+    resumed_weights = safetensors.torch.load_file(loras / name / f"{name}.safetensors")
+    straight_weights = safetensors.torch.load_file(loras / straight_name / f"{straight_name}.safetensors")
+    assert resumed_weights.keys() == straight_weights.keys()
+    assert all(torch.equal(resumed_weights[k], straight_weights[k]) for k in straight_weights)
 
 
 # -- the cached base model ----------------------------------------------------------------------------
