@@ -19,9 +19,9 @@ class SamplePreviewNode(io.ComfyNode):
             category=CATEGORY,
             description="Images from a model (with or without a LoRA), one per prompt line, all from one seed.",
             inputs=[
-                io.Model.Input("model"),
-                io.Clip.Input("clip"),
-                io.Vae.Input("vae"),
+                io.Model.Input("model", tooltip="The diffusion model (ComfyUI MODEL)."),
+                io.Clip.Input("clip", tooltip="The text encoders (ComfyUI CLIP)."),
+                io.Vae.Input("vae", tooltip="The VAE (ComfyUI VAE)."),
                 io.String.Input("prompts", multiline=True, default="a photo of a cat",
                                 tooltip="One prompt per line; each gives one image."),
                 io.Int.Input("seed", default=42, min=0, max=0xFFFFFFFFFFFFFFFF,

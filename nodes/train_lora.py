@@ -31,9 +31,9 @@ class TrainLoraNode(io.ComfyNode):
                         "folder and returns the model with the LoRA applied.",
             is_output_node=True,
             inputs=[
-                io.Model.Input("model"),
-                io.Clip.Input("clip"),
-                io.Vae.Input("vae"),
+                io.Model.Input("model", tooltip="The diffusion model (ComfyUI MODEL)."),
+                io.Clip.Input("clip", tooltip="The text encoders (ComfyUI CLIP)."),
+                io.Vae.Input("vae", tooltip="The VAE (ComfyUI VAE)."),
                 io.Custom("LORA_DATASET").Input("dataset", tooltip="From the Dataset node."),
                 io.Custom("LORA_CONFIG").Input("lora_config", tooltip="From the LoRA Config node."),
                 io.String.Input("output_name", default="my_lora",
