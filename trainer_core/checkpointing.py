@@ -19,6 +19,10 @@ def wrapped_blocks(blocks: list[nn.Module], checkpoint: bool, copy_inputs: bool,
     `copy_inputs` is for blocks that add into their input tensors in place: the checkpoint
     keeps the inputs to replay the block, so the block must work on copies of them.
     """
+    if compile:
+        # Compiled code guards on the identity of the LoRA layers its hooks call; a layer of an
+        # earlier run can share a dead layer's id, so earlier runs' compiled code must go.
+        torch._dynamo.reset()
     for block in blocks:
         forward = block.forward
         if compile:

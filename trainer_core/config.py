@@ -78,8 +78,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     precision: str = "bf16"
     gradient_checkpointing: bool = True
-    # torch.compile each block: "auto" compiles on CUDA for families that compile cleanly.
-    compile_blocks: str = "auto"
+    # torch.compile each block (experimental, see bench/NOTES.md): "auto" compiles on CUDA for
+    # families that compile cleanly.
+    compile_blocks: str = "off"
     seed: int = 0
     loss: str = "mse"
     huber_delta: float = 0.1

@@ -1,0 +1,100 @@
+"""`lora-train [train] CONFIG.yaml` (also `python -m trainer_core train CONFIG.yaml`): headless training.
+
+ComfyUI is used as a library, as the nodes use it: it is found, put on sys.path and imported (in CPU
+mode with `--cpu`) before any module of the engine that imports it; until then only the YAML is read.
+Exit codes: 0 trained, 1 training failed, 2 the config is wrong, 130 interrupted (Ctrl-C).
+"""
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+from . import yaml_config
+
+log = logging.getLogger(__name__)
+
+PACK_ROOT = Path(__file__).absolute().parents[1]
+EXIT_FAILED, EXIT_CONFIG, EXIT_INTERRUPTED = 1, 2, 130
+
+
+def find_comfyui() -> Path:
+    """COMFYUI_PATH; else the ComfyUI this pack is installed in (`<ComfyUI>/custom_nodes/<pack>`);
+    else the development host that `make host` provisions in `.comfyui/`."""
+    if os.environ.get("COMFYUI_PATH"):
+        candidates = [Path(os.environ["COMFYUI_PATH"]).expanduser()]
+    else:
+        packs = {PACK_ROOT, PACK_ROOT.resolve()}
+        candidates = [pack.parents[1] for pack in packs if pack.parent.name == "custom_nodes"]
+        candidates.append(PACK_ROOT / ".comfyui")
+    for host in candidates:
+        if (host / "comfy" / "cli_args.py").is_file():
+            return host.resolve()
+    raise FileNotFoundError(
+        f"no ComfyUI found (looked in {', '.join(map(str, candidates))}): set COMFYUI_PATH to a ComfyUI folder"
+    )
+
+
+def import_comfyui(cpu: bool) -> Path:
+    """Puts the host first on sys.path (this pack's `nodes` package must not shadow ComfyUI's `nodes`
+    module) and imports ComfyUI's device management, on the CPU if asked, else on the device it picks."""
+    host = find_comfyui()
+    if str(host) in sys.path:
+        sys.path.remove(str(host))
+    sys.path.insert(0, str(host))
+    import comfy.options
+
+    comfy.options.enable_args_parsing(False)  # ComfyUI must not parse this command's arguments
+    from comfy.cli_args import args
+
+    # Read when comfy.model_management is first imported, which picks the device then.
+    args.cpu = args.cpu or cpu
+    import comfy.model_management  # noqa: F401
+
+    return host
+
+
+def parse_arguments(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="lora-train", usage="lora-train [train] CONFIG.yaml [options]",
+        description="Train a LoRA (SDXL, SD 3.5, Flux) from an ai-toolkit style YAML file, with ComfyUI's loaders.",
+    )
+    parser.add_argument("config", type=Path, help="the YAML file (ai-toolkit's job/config/process form, or short)")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of this name")
+    parser.add_argument("--strict", action="store_true", help="unknown keys are errors, not warnings")
+    parser.add_argument("--cpu", action="store_true", help="run ComfyUI on the CPU")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    # `train` is the only command; it may be named, as in `python -m trainer_core train CONFIG.yaml`.
+    return parser.parse_args(argv[1:] if argv[:1] == ["train"] else argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = parse_arguments(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
+    try:
+        config = yaml_config.load(arguments.config, strict=arguments.strict)
+    except yaml_config.ConfigFileError as error:
+        log.error("%s", error)
+        return EXIT_CONFIG
+    if arguments.print_config:
+        sys.stdout.write(yaml.safe_dump(config.values, sort_keys=False))
+        return 0
+    try:
+        log.info("ComfyUI: %s", import_comfyui(arguments.cpu))
+        from . import headless
+
+        return headless.train(config, resume=arguments.resume, command=resume_command(arguments))
+    except KeyboardInterrupt:
+        log.error("interrupted before training started; nothing was saved")
+        return EXIT_INTERRUPTED
+    except (FileNotFoundError, yaml_config.ConfigError) as error:
+        log.error("%s", error)
+        return EXIT_CONFIG
+
+
+def resume_command(arguments: argparse.Namespace) -> str:
+    options = "".join(f" --{name}" for name in ("strict", "cpu") if getattr(arguments, name))
+    return f"lora-train train {arguments.config}{options} --resume"

@@ -1,0 +1,240 @@
+"""The run behind `lora-train`: models from files through ComfyUI's loaders, then the engine as the
+nodes drive it (build_samples, Trainer, TrainingJob with checkpoint and sample hooks), with progress
+on the terminal. Imports ComfyUI: import it only after `cli.import_comfyui`.
+
+Files, as ai-toolkit lays them out: checkpoints in `<training_folder>/<name>/checkpoints/step-NNNNNN/`,
+previews in `<training_folder>/<name>/samples/`, the finished LoRA as
+`<training_folder>/<name>/<name>.safetensors`, the dataset cache in `<training_folder>/lora_trainer_cache/`.
+"""
+
+import contextlib
+import logging
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import comfy.sd
+import comfy.utils
+import torch
+
+from . import export
+from .config import ConfigError, LoraConfig, SaveConfig, TrainConfig
+from .data import DatasetConfig, DatasetError, build_samples
+from .families import UnsupportedModelError, family_for
+from .job import Event, TrainingFailed, TrainingJob
+from .sampling import SampleHook, SampleSettings, encode_prompts
+from .trainer import Trainer
+from .yaml_config import FAMILY_FLAGS, ResolvedConfig
+
+log = logging.getLogger(__name__)
+
+EXIT_FAILED, EXIT_INTERRUPTED = 1, 130
+CLIP_TYPES = {"sdxl": comfy.sd.CLIPType.STABLE_DIFFUSION, "sd3": comfy.sd.CLIPType.SD3, "flux": comfy.sd.CLIPType.FLUX}
+NOISE_SCHEDULER_OF = {"sdxl": "ddpm", "sd3": "flowmatch", "flux": "flowmatch"}
+FLOAT8 = torch.float8_e4m3fn
+
+# Engine config field -> the short-form key it comes from, so the engine's own checks name the YAML line.
+LORA_KEYS = {"rank": "network.linear", "alpha": "network.linear_alpha", "dropout": "network.dropout"}
+TRAIN_KEYS = {
+    "steps": "train.steps", "learning_rate": "train.lr", "batch_size": "train.batch_size",
+    "gradient_accumulation": "train.gradient_accumulation", "optimizer": "train.optimizer",
+    "schedule": "train.lr_scheduler", "warmup_steps": "train.warmup_steps", "max_grad_norm": "train.max_grad_norm",
+    "precision": "train.dtype", "gradient_checkpointing": "train.gradient_checkpointing", "seed": "train.seed",
+}
+SAVE_KEYS = {
+    "name": "name", "dtype": "save.dtype", "every": "save.save_every", "keep_last": "save.max_step_saves_to_keep",
+    "output_dir": "training_folder", "trigger_word": "trigger_word",
+}
+DATASET_KEYS = {
+    "folder": "datasets[0].folder_path", "caption_extension": "datasets[0].caption_ext",
+    "default_caption": "datasets[0].default_caption", "trigger_word": "trigger_word",
+    "caption_dropout": "datasets[0].caption_dropout_rate", "shuffle_tags": "datasets[0].shuffle_tokens",
+    "keep_tags": "datasets[0].keep_tokens", "flip": "datasets[0].flip_x", "resolution": "datasets[0].resolution",
+    "seed": "train.seed",
+}
+SAMPLE_KEYS = {"seed": "sample.seed", "width": "sample.width", "height": "sample.height",
+               "steps": "sample.sample_steps", "negative": "sample.neg"}
+
+
+def value_at(values: dict, path: str):
+    for part in path.replace("[0]", ".0").split("."):
+        values = values[int(part)] if part.isdigit() else values[part]
+    return values
+
+
+@contextlib.contextmanager
+def named_in_file(config: ResolvedConfig, keys: dict[str, str]):
+    """Raises an engine error ("owner.field: ...") again naming the file, line and key it came from."""
+    try:
+        yield
+    except (ConfigError, DatasetError) as error:
+        owner_field, _, message = str(error).partition(": ")
+        field = owner_field.rpartition(".")[2]
+        if field not in keys:
+            raise config.error(next(iter(keys.values())).rpartition(".")[0], str(error)) from None
+        raise config.error(keys[field], message) from None
+
+
+def build(config: ResolvedConfig, make, keys: dict[str, str], **extra):
+    """`make(**fields)` from the config's values at `keys` (engine field -> short-form key); `extra`
+    gives fields that are computed from those values."""
+    with named_in_file(config, keys):
+        read = {field: value_at(config.values, path) for field, path in keys.items() if field not in extra}
+        return make(**read, **extra)
+
+
+@dataclass
+class Models:
+    patcher: object
+    clip: object
+    vae: object
+    family: str
+
+
+def load_models(config: ResolvedConfig) -> Models:
+    """The diffusion model, text encoders and VAE that `model` names. With `text_encoder_paths`,
+    `name_or_path` is a diffusion-model file (and `vae_path` is needed); otherwise a checkpoint, whose
+    VAE `vae_path` may replace. The family is detected from the weights and checked against the flags."""
+    model = config.values["model"]
+    options = {"dtype": FLOAT8} if model["quantize"] else {}
+    path = model["name_or_path"]
+    clip = vae = None
+    if model["text_encoder_paths"]:
+        if not model["vae_path"]:
+            raise config.error("model.vae_path", "a diffusion-model file (with text_encoder_paths) needs a VAE file")
+        patcher = comfy.sd.load_diffusion_model(path, model_options=options)
+    else:
+        try:
+            patcher, clip, vae = comfy.sd.load_checkpoint_guess_config(path, model_options=options)[:3]
+        except RuntimeError as error:
+            raise config.error("model.name_or_path", f"{error}; for a diffusion-model file give "
+                               "model.text_encoder_paths and model.vae_path") from None
+    try:
+        family = family_for(patcher.model, TrainConfig()).name
+    except UnsupportedModelError as error:
+        raise config.error("model.name_or_path", str(error)) from None
+    for flag, claimed in FAMILY_FLAGS.items():
+        if model[flag] and claimed != family:
+            raise config.error(f"model.{flag}", f"says the model is {claimed}, but {path} holds a {family} model")
+    if model["text_encoder_paths"]:
+        clip = comfy.sd.load_clip(model["text_encoder_paths"], clip_type=CLIP_TYPES[family])
+    if model["vae_path"]:
+        vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(model["vae_path"]))
+    if clip is None or vae is None:
+        raise config.error("model.name_or_path", f"{path} holds no {'text encoders' if clip is None else 'VAE'}; "
+                           "give model.text_encoder_paths and model.vae_path")
+    log.info("model: %s (%s)", path, family)
+    return Models(patcher, clip, vae, family)
+
+
+def sample_settings(config: ResolvedConfig, models: Models) -> SampleSettings | None:
+    """The previews' settings, or None without prompts. `[trigger]` in a prompt is the trigger word;
+    guidance_scale is Flux's guidance for Flux, the cfg scale otherwise; 0 keeps the family's default."""
+    sample = config.values["sample"]
+    if not sample["prompts"]:
+        return None
+    trigger = config.values["trigger_word"]
+    prompts = tuple(prompt.replace("[trigger]", trigger) for prompt in sample["prompts"])
+    scale = {"guidance": sample["guidance_scale"]} if models.family == "flux" else {"cfg": sample["guidance_scale"]}
+    settings = build(config, SampleSettings, SAMPLE_KEYS | {"prompts": "sample.prompts"}, **scale, prompts=prompts)
+    return settings.resolved(models.patcher)
+
+
+class TerminalProgress:
+    """One line per training step on stderr: step/total, loss, learning rate, speed and ETA."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+
+    def show(self, event: Event) -> None:
+        data = event.data
+        if event.kind == "step":
+            eta = data["eta_seconds"]
+            eta_text = str(timedelta(seconds=round(eta))) if eta is not None else "?"
+            self.stream.write(
+                f"step {data['step']}/{data['total_steps']}  loss {data['loss']:.4f}  lr {data['lr']:.2e}  "
+                f"{data['images_per_second']:.2f} img/s  ETA {eta_text}\n"
+            )
+            self.stream.flush()
+        elif event.kind == "sample":
+            log.info("samples of step %d: %s", data["step"], ", ".join(data["files"]))
+        elif event.kind == "saved":
+            log.info("saved %s of step %d: %s", data["kind"], data["step"], data["path"])
+
+
+class FinalLoraHook(export.CheckpointHook):
+    """Checkpoints as the nodes write them; the finished LoRA goes to `lora_path`, not into ComfyUI's
+    loras folder (a command-line run may have none it should write to)."""
+
+    def __init__(self, save: SaveConfig, lora_path: Path):
+        super().__init__(save)
+        self.lora_path = lora_path
+
+    def on_end(self, trainer: Trainer, cancelled: bool) -> list[Event]:
+        if trainer.state.step < trainer.config.steps:
+            return super().on_end(trainer, cancelled)
+        export.write_lora(self.lora_path, trainer, self.save, self.started_at)
+        return [Event("saved", {"kind": "lora", "path": str(self.lora_path), "step": trainer.state.step})]
+
+
+def train(config: ResolvedConfig, resume: bool, command: str) -> int:
+    """Trains as `config` says; returns the exit code. `command` is how to resume, told after Ctrl-C."""
+    values = config.values
+    lora = build(config, LoraConfig, LORA_KEYS)
+    train_config = build(config, TrainConfig, TRAIN_KEYS)
+    save = build(config, SaveConfig, SAVE_KEYS)
+    dataset = build(config, DatasetConfig, DATASET_KEYS)
+    models = load_models(config)
+    scheduler = values["train"]["noise_scheduler"]
+    if scheduler and scheduler != NOISE_SCHEDULER_OF[models.family]:
+        log.warning("%s: %r is ignored; %s trains with %s", config.where("train.noise_scheduler"), scheduler,
+                    models.family, NOISE_SCHEDULER_OF[models.family])
+    settings = sample_settings(config, models)
+    run_folder = Path(save.output_dir) / save.name
+    with tempfile.TemporaryDirectory(prefix="lora-train-cache-") as scratch:
+        cache_root = save.output_dir if values["datasets"][0]["cache_latents_to_disk"] else scratch
+        with named_in_file(config, DATASET_KEYS):
+            samples, _ = build_samples(dataset, models.patcher, models.clip, models.vae, config.file.parent, cache_root)
+    trainer = Trainer(models.patcher, samples, lora, train_config)
+    if resume:
+        export.resume(trainer, export.checkpoints_folder(save))
+    hooks = [FinalLoraHook(save, run_folder / f"{save.name}.safetensors")]
+    if settings is not None:
+        encoded, every = encode_prompts(models.clip, settings), values["sample"]["sample_every"]
+        hooks.append(SampleHook(models.vae, encoded, settings, every, run_folder / "samples"))
+    return watch(TrainingJob(trainer, hooks), command)
+
+
+def watch(job: TrainingJob, command: str) -> int:
+    """Shows the job's events until it ends. Ctrl-C cancels it: the checkpoint hook saves the last
+    whole step, and the exit code is 130."""
+    progress = TerminalProgress()
+    started_at = time.perf_counter()
+    checkpoint = ""
+    outcome = {}
+    with job:
+        while True:
+            try:
+                for event in job.events():
+                    progress.show(event)
+                    if event.kind == "saved" and event.data["kind"] == "checkpoint":
+                        checkpoint = event.data["path"]
+                    elif event.kind == "done":
+                        outcome = event.data
+                break
+            except KeyboardInterrupt:
+                log.warning("interrupted: stopping after this step and saving a checkpoint")
+                job.cancel()
+    try:
+        job.result()
+    except TrainingFailed as error:
+        log.error("%s", error)
+        return EXIT_FAILED
+    if outcome["cancelled"] and outcome["step"] < job.trainer.config.steps:
+        log.warning("stopped at step %d; checkpoint %s. Continue with: %s", outcome["step"], checkpoint, command)
+        return EXIT_INTERRUPTED
+    log.info("finished at step %d in %.0f s", outcome["step"], time.perf_counter() - started_at)
+    return 0

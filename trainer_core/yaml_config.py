@@ -1,0 +1,334 @@
+"""The YAML file of headless training: ai-toolkit's layout, checked key by key with line numbers.
+
+Two forms are read. ai-toolkit's: `job: extension`, `config: {name, process: [{type: sd_trainer, ...}]}`
+(one process), and the short one with the process's keys (`name`, `model`, `network`, `train`,
+`datasets`, `sample`, `save`, ...) at the top level. Both resolve to the short form with every default
+filled in (`ResolvedConfig.values`), which `--print-config` shows.
+
+The document is composed (`yaml.compose`), not loaded, so every value keeps its line: errors and
+unknown keys are reported as `FILE:LINE: dotted.path: what is wrong`. Relative paths are taken from
+the YAML file's folder. Plain YAML reads `1e-4` as a string; float keys accept such strings.
+"""
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from yaml.constructor import SafeConstructor
+
+from .config import OPTIMIZERS, SCHEDULES, ConfigError
+
+log = logging.getLogger(__name__)
+
+REQUIRED = object()
+DTYPE_NAMES = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16", "half": "fp16",
+               "fp32": "fp32", "float32": "fp32", "float": "fp32"}
+# Family flags of ai-toolkit and the family (as detected from the weights) each one claims.
+FAMILY_FLAGS = {"is_flux": "flux", "is_v3": "sd3", "is_xl": "sdxl"}
+NOISE_SCHEDULERS = ("flowmatch", "ddpm", "")
+
+
+class ConfigFileError(ConfigError):
+    """The YAML file cannot be used; the message names the file, line and dotted key."""
+
+
+@dataclass(frozen=True)
+class Key:
+    """kind: int, float, bool, str, strings (list of str), resolution (int or list of ints), file,
+    folder (both must exist), path (an output location), files (list of files)."""
+
+    kind: str
+    default: object = REQUIRED
+    choices: tuple | dict = ()
+    aliases: tuple[str, ...] = ()
+    minimum: float | None = None
+
+
+MODEL = {
+    "name_or_path": Key("file"),
+    "is_flux": Key("bool", False),
+    "is_v3": Key("bool", False),
+    "is_xl": Key("bool", False),
+    "quantize": Key("bool", False),
+    "vae_path": Key("file", ""),
+    "text_encoder_paths": Key("files", []),
+}
+NETWORK = {
+    "type": Key("str", "lora", ("lora",)),
+    "linear": Key("int", 16),
+    "linear_alpha": Key("float", 16.0),
+    "dropout": Key("float", 0.0),
+}
+SAVE = {
+    "dtype": Key("str", "bf16", DTYPE_NAMES),
+    "save_every": Key("int", 250),
+    "max_step_saves_to_keep": Key("int", 3),
+}
+TRAIN = {
+    "batch_size": Key("int", 1),
+    "steps": Key("int", 1000),
+    "gradient_accumulation": Key("int", 1, aliases=("gradient_accumulation_steps",)),
+    "lr": Key("float", 1e-4),
+    "optimizer": Key("str", "adamw8bit", OPTIMIZERS),
+    "lr_scheduler": Key("str", "constant", SCHEDULES),
+    "warmup_steps": Key("int", 0),
+    "max_grad_norm": Key("float", 1.0),
+    "gradient_checkpointing": Key("bool", True),
+    "noise_scheduler": Key("str", "", NOISE_SCHEDULERS),
+    "dtype": Key("str", "bf16", DTYPE_NAMES),
+    "seed": Key("int", 0),
+}
+DATASET = {
+    "folder_path": Key("folder"),
+    "caption_ext": Key("str", "txt"),
+    "default_caption": Key("str", ""),
+    "caption_dropout_rate": Key("float", 0.05),
+    "shuffle_tokens": Key("bool", False),
+    "keep_tokens": Key("int", 0),
+    "flip_x": Key("bool", False),
+    "cache_latents_to_disk": Key("bool", True),
+    "resolution": Key("resolution", 1024),
+}
+SAMPLE = {
+    "sample_every": Key("int", 250, minimum=0),
+    "width": Key("int", 1024),
+    "height": Key("int", 1024),
+    "prompts": Key("strings", []),
+    "neg": Key("str", ""),
+    "seed": Key("int", 42),
+    "guidance_scale": Key("float", 0.0),
+    "sample_steps": Key("int", 0),
+}
+SECTIONS = {"model": MODEL, "network": NETWORK, "save": SAVE, "train": TRAIN, "sample": SAMPLE}
+PROCESS = {
+    "name": Key("str"),
+    "training_folder": Key("path", "output"),
+    "trigger_word": Key("str", ""),
+    # ComfyUI picks the device (`--cpu` forces the CPU); accepted so ai-toolkit files read cleanly.
+    "device": Key("str", ""),
+}
+JOB_KEYS = ("job", "config", "meta")
+
+
+@dataclass
+class ResolvedConfig:
+    """The short form with defaults filled in (`values`), and where each value came from."""
+
+    file: Path
+    values: dict
+    # Short-form dotted path -> (dotted path as written, line); sections too.
+    origins: dict[str, tuple[str, int]] = field(default_factory=dict)
+    unknown: list[str] = field(default_factory=list)
+
+    def where(self, path: str) -> str:
+        """`FILE:LINE: path-as-written` of a short-form dotted path, or of its nearest written parent."""
+        probe = path
+        while probe not in self.origins and "." in probe:
+            probe = probe.rsplit(".", 1)[0]
+        written, line = self.origins.get(probe, (path, 1))
+        if probe != path:
+            written += path[len(probe):]
+        return f"{self.file}:{line}: {written}"
+
+    def error(self, path: str, message: str) -> ConfigFileError:
+        return ConfigFileError(f"{self.where(path)}: {message}")
+
+
+def load(path: str | Path, strict: bool = False) -> ResolvedConfig:
+    """Reads and checks a config file. Unknown keys are logged as warnings, or raised with `strict`."""
+    path = Path(path)
+    try:
+        root = yaml.compose(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ConfigFileError(f"{path}: cannot be read ({error})") from None
+    except yaml.YAMLError as error:
+        raise ConfigFileError(f"{path}: is not valid YAML ({error})") from None
+    reader = _Reader(ResolvedConfig(path, {}), path.resolve().parent)
+    if not isinstance(root, yaml.MappingNode):
+        raise ConfigFileError(f"{path}: the file must hold a mapping (the short form, or ai-toolkit's job/config)")
+    items = reader.items(root, "")
+    if "config" in items or "job" in items:
+        process, prefix = reader.job_process(root, items)
+    else:
+        process, prefix = root, ""
+    reader.read_process(process, prefix)
+    config = reader.config
+    if config.unknown:
+        if strict:
+            raise ConfigFileError("unknown keys (--strict):\n" + "\n".join(config.unknown))
+        for message in config.unknown:
+            log.warning("%s", message)
+    return config
+
+
+class _Reader:
+    def __init__(self, config: ResolvedConfig, base: Path):
+        self.config = config
+        self.base = base
+        self.constructor = SafeConstructor()
+
+    def fail(self, node: yaml.Node, written: str, message: str) -> ConfigFileError:
+        return ConfigFileError(f"{self.config.file}:{node.start_mark.line + 1}: {written}: {message}")
+
+    def items(self, node: yaml.MappingNode, written: str) -> dict[str, tuple[yaml.Node, yaml.Node]]:
+        """Key text -> (key node, value node) of a mapping."""
+        found = {}
+        for key, value in node.value:
+            if not isinstance(key, yaml.ScalarNode):
+                raise self.fail(key, written or "(top level)", "keys must be plain names")
+            found[key.value] = (key, value)
+        return found
+
+    def mapping(self, node: yaml.Node, written: str) -> dict[str, tuple[yaml.Node, yaml.Node]]:
+        if not isinstance(node, yaml.MappingNode):
+            raise self.fail(node, written, "expected a mapping of keys")
+        return self.items(node, written)
+
+    def job_process(self, root: yaml.MappingNode, items: dict) -> tuple[yaml.Node, str]:
+        self.report_unknown(items, JOB_KEYS, "")
+        if "config" not in items:
+            raise self.fail(root, "config", "missing: ai-toolkit's form holds config: {name, process: [...]}")
+        config_node = items["config"][1]
+        config_items = self.mapping(config_node, "config")
+        self.report_unknown(config_items, ("name", "process"), "config")
+        if "process" not in config_items:
+            raise self.fail(config_node, "config.process", "missing: give a list with one sd_trainer process")
+        processes = config_items["process"][1]
+        if not isinstance(processes, yaml.SequenceNode) or len(processes.value) != 1:
+            raise self.fail(processes, "config.process", "expected a list of exactly one process")
+        process = processes.value[0]
+        process_items = self.mapping(process, "config.process[0]")
+        kind = process_items.pop("type", (None, None))[1]
+        if kind is None or self.construct(kind) != "sd_trainer":
+            raise self.fail(kind or process, "config.process[0].type", "must be sd_trainer")
+        if "name" in config_items and "name" not in process_items:
+            # ai-toolkit names the job under config; the process reads it as its own.
+            process.value.append(config_items["name"])
+        return process, "config.process[0]."
+
+    def read_process(self, node: yaml.Node, prefix: str) -> None:
+        items = self.mapping(node, prefix.rstrip(".") or "(top level)")
+        items.pop("type", None)
+        self.report_unknown(items, (*PROCESS, *SECTIONS, "datasets"), prefix.rstrip("."))
+        values = self.config.values
+        own = {name: item for name, item in items.items() if name in PROCESS}
+        values.update(self.read_keys(node, own, PROCESS, prefix, ""))
+        for name, keys in SECTIONS.items():
+            if name in items:
+                key, section = items[name]
+                self.config.origins[name] = (prefix + name, key.start_mark.line + 1)
+                values[name] = self.read_keys(section, self.mapping(section, prefix + name), keys,
+                                              prefix + name + ".", name + ".")
+            elif name == "model":
+                raise self.fail(node, prefix + name, "missing: give model.name_or_path at least")
+            else:
+                values[name] = self.read_keys(node, {}, keys, prefix + name + ".", name + ".")
+        self.check_family_flags(items.get("model", (None, None))[1], prefix + "model.")
+        if "datasets" not in items:
+            raise self.fail(node, prefix + "datasets", "missing: give a list with one dataset (folder_path)")
+        key, datasets = items["datasets"]
+        written = prefix + "datasets"
+        self.config.origins["datasets"] = (written, key.start_mark.line + 1)
+        if not isinstance(datasets, yaml.SequenceNode) or len(datasets.value) != 1:
+            raise self.fail(datasets, written, "expected a list of exactly one dataset (several are not supported)")
+        dataset = datasets.value[0]
+        values["datasets"] = [self.read_keys(dataset, self.mapping(dataset, written + "[0]"), DATASET,
+                                             written + "[0].", "datasets[0].")]
+
+    def check_family_flags(self, model: yaml.Node, prefix: str) -> None:
+        flags = [name for name in FAMILY_FLAGS if self.config.values["model"][name]]
+        if len(flags) > 1:
+            raise self.fail(model, prefix + flags[1], f"contradicts {prefix}{flags[0]}: set at most one family flag")
+
+    def report_unknown(self, items: dict, known, written: str) -> None:
+        for name, (key, _) in items.items():
+            if name in known:
+                continue
+            path = f"{written}.{name}" if written else name
+            if re.fullmatch(r"is_\w+", name) and written.endswith("model"):
+                flags = ", ".join(FAMILY_FLAGS)
+                raise self.fail(key, path, f"unknown family flag; this trainer trains the families of {flags} only")
+            self.config.unknown.append(
+                f"{self.config.file}:{key.start_mark.line + 1}: {path}: unknown key, ignored "
+                f"(known here: {', '.join(sorted(known))})"
+            )
+
+    def read_keys(self, node: yaml.Node, items: dict, keys: dict[str, Key], written: str, canonical: str) -> dict:
+        """The values of `keys` from `items`, defaults where absent; records each value's origin."""
+        aliases = {alias: name for name, key in keys.items() for alias in key.aliases}
+        self.report_unknown(items, (*keys, *aliases), written.rstrip("."))
+        values = {}
+        for name, key in keys.items():
+            given = [n for n in (name, *key.aliases) if n in items and items[n][1].tag != "tag:yaml.org,2002:null"]
+            if len(given) > 1:
+                raise self.fail(items[given[1]][0], written + given[1], f"is the same setting as {written}{given[0]}")
+            if not given:
+                if key.default is REQUIRED:
+                    raise self.fail(node, written + name, "missing: this key is required")
+                values[name] = key.default
+                continue
+            key_node, value_node = items[given[0]]
+            self.config.origins[canonical + name] = (written + given[0], key_node.start_mark.line + 1)
+            values[name] = self.convert(value_node, written + given[0], key)
+        return values
+
+    def construct(self, node: yaml.Node):
+        return self.constructor.construct_object(node, deep=True)
+
+    def convert(self, node: yaml.Node, written: str, key: Key):
+        value = self.construct(node)
+        kind = key.kind
+
+        def wrong(expected: str) -> ConfigFileError:
+            return self.fail(node, written, f"expected {expected}, got {value!r}")
+
+        if kind == "int":
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise wrong("an integer")
+        elif kind == "float":
+            if isinstance(value, str):
+                try:
+                    value = float(value)
+                except ValueError:
+                    raise wrong("a number") from None
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise wrong("a number")
+            value = float(value)
+        elif kind == "bool":
+            if not isinstance(value, bool):
+                raise wrong("true or false")
+        elif kind == "resolution":
+            sides = value if isinstance(value, list) else [value]
+            if not sides or not all(isinstance(s, int) and not isinstance(s, bool) for s in sides):
+                raise wrong("an integer or a list of integers")
+            if len(sides) > 1:
+                log.info("%s: training at %d, the largest of %s (aspect-ratio buckets of that area)",
+                         written, max(sides), sides)
+            value = max(sides)
+        elif kind in ("strings", "files"):
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise wrong("a list of strings")
+            if kind == "files":
+                value = [self.existing(node, written, v, "file") for v in value]
+        elif not isinstance(value, str):
+            raise wrong("a string")
+        elif kind in ("file", "folder"):
+            value = self.existing(node, written, value, kind) if value else value
+        elif kind == "path":
+            value = str(self.base / Path(value).expanduser())
+        if key.choices:
+            if value not in key.choices:
+                raise self.fail(node, written, f"{value!r} is not one of {', '.join(map(repr, key.choices))}")
+            if isinstance(key.choices, dict):
+                value = key.choices[value]
+        if key.minimum is not None and value < key.minimum:
+            raise self.fail(node, written, f"must be >= {key.minimum}, got {value!r}")
+        return value
+
+    def existing(self, node: yaml.Node, written: str, value: str, kind: str) -> str:
+        path = self.base / Path(value).expanduser()
+        if not (path.is_file() if kind == "file" else path.is_dir()):
+            raise self.fail(node, written, f"{path} is not a {kind}")
+        return str(path)
