@@ -1,4 +1,5 @@
-"""`lora-train [train] CONFIG.yaml` (also `python -m trainer_core train CONFIG.yaml`): headless training.
+"""`lora-train [train] CONFIG.yaml` (also `python -m trainer_core train CONFIG.yaml`): headless training;
+`torchrun --nproc_per_node N -m trainer_core train CONFIG.yaml` trains data-parallel (see distributed.py).
 
 ComfyUI is used as a library, as the nodes use it: it is found, put on sys.path and imported (in CPU
 mode with `--cpu`) before any module of the engine that imports it; until then only the YAML is read.
@@ -42,6 +43,11 @@ def import_comfyui(cpu: bool) -> Path:
     """Puts the host first on sys.path (this pack's `nodes` package must not shadow ComfyUI's `nodes`
     module) and imports ComfyUI's device management, on the CPU if asked, else on the device it picks."""
     host = find_comfyui()
+    rank_gpu = os.environ.get("LOCAL_RANK")
+    if rank_gpu is not None and not cpu:
+        # Under torchrun each process trains on its own GPU, which ComfyUI then sees as its only one.
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible.split(",")[int(rank_gpu)] if visible else rank_gpu
     if str(host) in sys.path:
         sys.path.remove(str(host))
     sys.path.insert(0, str(host))
@@ -73,7 +79,9 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     arguments = parse_arguments(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
+    # Under torchrun only the first process tells what happens; the others report problems.
+    level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(message)s", stream=sys.stderr)
     try:
         config = yaml_config.load(arguments.config, strict=arguments.strict)
     except yaml_config.ConfigFileError as error:

@@ -1,6 +1,7 @@
 """The run behind `lora-train`: models from files through ComfyUI's loaders, then the engine as the
 nodes drive it (build_samples, Trainer, TrainingJob with checkpoint and sample hooks), with progress
-on the terminal. Imports ComfyUI: import it only after `cli.import_comfyui`.
+on the terminal; under torchrun, data-parallel (distributed.py). Imports ComfyUI: import it only after
+`cli.import_comfyui`.
 
 Files, as ai-toolkit lays them out: checkpoints in `<training_folder>/<name>/checkpoints/step-NNNNNN/`,
 previews in `<training_folder>/<name>/samples/`, the finished LoRA as
@@ -16,18 +17,19 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+import comfy.model_management
 import comfy.sd
 import comfy.utils
 import torch
 
-from . import export
+from . import distributed, export
 from .config import ConfigError, LoraConfig, SaveConfig, TrainConfig
 from .data import DatasetConfig, DatasetError, build_samples
 from .families import UnsupportedModelError, family_for
 from .job import Event, TrainingFailed, TrainingJob
 from .sampling import SampleHook, SampleSettings, encode_prompts
 from .trainer import Trainer
-from .yaml_config import FAMILY_FLAGS, ResolvedConfig
+from .yaml_config import FAMILY_FLAGS, ConfigFileError, ResolvedConfig
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +76,7 @@ def named_in_file(config: ResolvedConfig, keys: dict[str, str]):
         owner_field, _, message = str(error).partition(": ")
         field = owner_field.rpartition(".")[2]
         if field not in keys:
-            raise config.error(next(iter(keys.values())).rpartition(".")[0], str(error)) from None
+            raise ConfigFileError(f"{config.file}: {error}") from None
         raise config.error(keys[field], message) from None
 
 
@@ -118,7 +120,7 @@ def load_models(config: ResolvedConfig) -> Models:
         raise config.error("model.name_or_path", str(error)) from None
     for flag, claimed in FAMILY_FLAGS.items():
         if model[flag] and claimed != family:
-            raise config.error(f"model.{flag}", f"says the model is {claimed}, but {path} holds a {family} model")
+            raise config.error(f"model.{flag}", f"says {claimed}, but the weights in {path} are {family}")
     if model["text_encoder_paths"]:
         clip = comfy.sd.load_clip(model["text_encoder_paths"], clip_type=CLIP_TYPES[family])
     if model["vae_path"]:
@@ -161,8 +163,8 @@ class TerminalProgress:
             self.stream.flush()
         elif event.kind == "sample":
             log.info("samples of step %d: %s", data["step"], ", ".join(data["files"]))
-        elif event.kind == "saved":
-            log.info("saved %s of step %d: %s", data["kind"], data["step"], data["path"])
+        elif event.kind == "saved" and data["kind"] == "lora":  # export logs the checkpoints it saves
+            log.info("saved the LoRA of step %d to %s", data["step"], data["path"])
 
 
 class FinalLoraHook(export.CheckpointHook):
@@ -181,12 +183,26 @@ class FinalLoraHook(export.CheckpointHook):
 
 
 def train(config: ResolvedConfig, resume: bool, command: str) -> int:
-    """Trains as `config` says; returns the exit code. `command` is how to resume, told after Ctrl-C."""
+    """Trains as `config` says; returns the exit code. `command` is how to resume, told after Ctrl-C.
+    Under torchrun, every process runs this; only the first writes files and shows progress."""
+    rank, world_size = distributed.world()
+    if world_size == 1:
+        return train_process(config, resume, command, rank=0, trainer_class=Trainer)
+    distributed.start(comfy.model_management.get_torch_device().type)
+    try:
+        return train_process(config, resume, command, rank, trainer_class=distributed.ShardedTrainer)
+    finally:
+        distributed.stop()
+
+
+def train_process(config: ResolvedConfig, resume: bool, command: str, rank: int, trainer_class) -> int:
     values = config.values
     lora = build(config, LoraConfig, LORA_KEYS)
     train_config = build(config, TrainConfig, TRAIN_KEYS)
     save = build(config, SaveConfig, SAVE_KEYS)
     dataset = build(config, DatasetConfig, DATASET_KEYS)
+    # Before the models load: a missing checkpoint should not cost their loading time.
+    checkpoint = export.find_checkpoint(export.checkpoints_folder(save)) if resume else None
     models = load_models(config)
     scheduler = values["train"]["noise_scheduler"]
     if scheduler and scheduler != NOISE_SCHEDULER_OF[models.family]:
@@ -194,36 +210,45 @@ def train(config: ResolvedConfig, resume: bool, command: str) -> int:
                     models.family, NOISE_SCHEDULER_OF[models.family])
     settings = sample_settings(config, models)
     run_folder = Path(save.output_dir) / save.name
+    first = rank == 0
+    # The first process fills the dataset cache; the others then read it from there.
+    if not first:
+        distributed.barrier()
     with tempfile.TemporaryDirectory(prefix="lora-train-cache-") as scratch:
         cache_root = save.output_dir if values["datasets"][0]["cache_latents_to_disk"] else scratch
         with named_in_file(config, DATASET_KEYS):
             samples, _ = build_samples(dataset, models.patcher, models.clip, models.vae, config.file.parent, cache_root)
-    trainer = Trainer(models.patcher, samples, lora, train_config)
-    if resume:
-        export.resume(trainer, export.checkpoints_folder(save))
-    hooks = [FinalLoraHook(save, run_folder / f"{save.name}.safetensors")]
-    if settings is not None:
-        encoded, every = encode_prompts(models.clip, settings), values["sample"]["sample_every"]
-        hooks.append(SampleHook(models.vae, encoded, settings, every, run_folder / "samples"))
-    return watch(TrainingJob(trainer, hooks), command)
+    if first:
+        distributed.barrier()
+    trainer = trainer_class(models.patcher, samples, lora, train_config)
+    if checkpoint is not None:
+        try:
+            export.resume(trainer, checkpoint)
+        except ValueError as error:
+            raise config.error("name", f"--resume: {error}") from None
+    hooks = []
+    if first:
+        hooks.append(FinalLoraHook(save, run_folder / f"{save.name}.safetensors"))
+        if settings is not None:
+            encoded, every = encode_prompts(models.clip, settings), values["sample"]["sample_every"]
+            hooks.append(SampleHook(models.vae, encoded, settings, every, run_folder / "samples"))
+    return watch(TrainingJob(trainer, hooks), command, show=first)
 
 
-def watch(job: TrainingJob, command: str) -> int:
-    """Shows the job's events until it ends. Ctrl-C cancels it: the checkpoint hook saves the last
-    whole step, and the exit code is 130."""
-    progress = TerminalProgress()
+def watch(job: TrainingJob, command: str, show: bool = True) -> int:
+    """Shows the job's events (with `show`) until it ends. Ctrl-C cancels it: the checkpoint hook
+    saves the last whole step, and the exit code is 130."""
+    progress = TerminalProgress() if show else None
     started_at = time.perf_counter()
     checkpoint = ""
-    outcome = {}
     with job:
         while True:
             try:
                 for event in job.events():
-                    progress.show(event)
+                    if progress is not None:
+                        progress.show(event)
                     if event.kind == "saved" and event.data["kind"] == "checkpoint":
                         checkpoint = event.data["path"]
-                    elif event.kind == "done":
-                        outcome = event.data
                 break
             except KeyboardInterrupt:
                 log.warning("interrupted: stopping after this step and saving a checkpoint")
@@ -233,8 +258,10 @@ def watch(job: TrainingJob, command: str) -> int:
     except TrainingFailed as error:
         log.error("%s", error)
         return EXIT_FAILED
-    if outcome["cancelled"] and outcome["step"] < job.trainer.config.steps:
-        log.warning("stopped at step %d; checkpoint %s. Continue with: %s", outcome["step"], checkpoint, command)
+    # A cancel that lands on the last step still finished the run.
+    step = job.trainer.state.step
+    if step < job.trainer.config.steps:
+        log.warning("stopped at step %d; checkpoint %s. Continue with: %s", step, checkpoint, command)
         return EXIT_INTERRUPTED
-    log.info("finished at step %d in %.0f s", outcome["step"], time.perf_counter() - started_at)
+    log.info("finished at step %d in %.0f s", step, time.perf_counter() - started_at)
     return 0

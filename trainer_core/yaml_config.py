@@ -125,8 +125,8 @@ class ResolvedConfig:
     def where(self, path: str) -> str:
         """`FILE:LINE: path-as-written` of a short-form dotted path, or of its nearest written parent."""
         probe = path
-        while probe not in self.origins and "." in probe:
-            probe = probe.rsplit(".", 1)[0]
+        while probe not in self.origins and ("." in probe or "[" in probe):
+            probe = probe[: max(probe.rfind("."), probe.rfind("["))]
         written, line = self.origins.get(probe, (path, 1))
         if probe != path:
             written += path[len(probe):]
@@ -157,9 +157,9 @@ def load(path: str | Path, strict: bool = False) -> ResolvedConfig:
     config = reader.config
     if config.unknown:
         if strict:
-            raise ConfigFileError("unknown keys (--strict):\n" + "\n".join(config.unknown))
+            raise ConfigFileError("unknown keys (--strict makes them errors):\n" + "\n".join(config.unknown))
         for message in config.unknown:
-            log.warning("%s", message)
+            log.warning("%s; ignored", message)
     return config
 
 
@@ -219,13 +219,13 @@ class _Reader:
             if name in items:
                 key, section = items[name]
                 self.config.origins[name] = (prefix + name, key.start_mark.line + 1)
-                values[name] = self.read_keys(section, self.mapping(section, prefix + name), keys,
+                values[name] = self.read_keys(key, self.mapping(section, prefix + name), keys,
                                               prefix + name + ".", name + ".")
             elif name == "model":
                 raise self.fail(node, prefix + name, "missing: give model.name_or_path at least")
             else:
                 values[name] = self.read_keys(node, {}, keys, prefix + name + ".", name + ".")
-        self.check_family_flags(items.get("model", (None, None))[1], prefix + "model.")
+        self.check_family_flags()
         if "datasets" not in items:
             raise self.fail(node, prefix + "datasets", "missing: give a list with one dataset (folder_path)")
         key, datasets = items["datasets"]
@@ -237,10 +237,10 @@ class _Reader:
         values["datasets"] = [self.read_keys(dataset, self.mapping(dataset, written + "[0]"), DATASET,
                                              written + "[0].", "datasets[0].")]
 
-    def check_family_flags(self, model: yaml.Node, prefix: str) -> None:
+    def check_family_flags(self) -> None:
         flags = [name for name in FAMILY_FLAGS if self.config.values["model"][name]]
         if len(flags) > 1:
-            raise self.fail(model, prefix + flags[1], f"contradicts {prefix}{flags[0]}: set at most one family flag")
+            raise self.config.error(f"model.{flags[1]}", f"contradicts model.{flags[0]}: set at most one family flag")
 
     def report_unknown(self, items: dict, known, written: str) -> None:
         for name, (key, _) in items.items():
@@ -249,14 +249,15 @@ class _Reader:
             path = f"{written}.{name}" if written else name
             if re.fullmatch(r"is_\w+", name) and written.endswith("model"):
                 flags = ", ".join(FAMILY_FLAGS)
-                raise self.fail(key, path, f"unknown family flag; this trainer trains the families of {flags} only")
+                raise self.fail(key, path, f"unknown family flag; the families trained here are set with {flags}")
             self.config.unknown.append(
-                f"{self.config.file}:{key.start_mark.line + 1}: {path}: unknown key, ignored "
+                f"{self.config.file}:{key.start_mark.line + 1}: {path}: unknown key "
                 f"(known here: {', '.join(sorted(known))})"
             )
 
     def read_keys(self, node: yaml.Node, items: dict, keys: dict[str, Key], written: str, canonical: str) -> dict:
-        """The values of `keys` from `items`, defaults where absent; records each value's origin."""
+        """The values of `keys` from `items`, defaults where absent; records each value's origin. A
+        missing required key is reported at `node`'s line (the section's key)."""
         aliases = {alias: name for name, key in keys.items() for alias in key.aliases}
         self.report_unknown(items, (*keys, *aliases), written.rstrip("."))
         values = {}

@@ -1,0 +1,284 @@
+"""`lora-train` end to end on tiny SD3 model files that ComfyUI's loaders take by file: both YAML forms,
+the LoRA through ComfyUI's LoRA loading, errors naming key and line, --print-config, Ctrl-C and --resume."""
+
+import copy
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import comfy.sd
+import comfy.utils
+import graph_data
+import pytest
+import safetensors
+import safetensors.torch
+import torch
+import yaml
+from conftest import COMFY_HOST, REPO_ROOT
+
+from trainer_core import cli, export
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> Path:
+    """Tiny SD3 + CLIP-L + VAE files under `models/`, and a captioned dataset of 64 px images in `data/`."""
+    root = tmp_path_factory.mktemp("cli_files")
+    graph_data.write_sd3_loader_files(root / "models")
+    graph_data.write_dataset(root / "data")
+    return root
+
+
+def short_form(files: Path, name: str = "tiny") -> dict:
+    return {
+        "name": name,
+        "training_folder": "out",
+        "trigger_word": "shp",
+        "model": {
+            "name_or_path": str(files / "models/diffusion_models/tiny_sd3.safetensors"),
+            "is_v3": True,
+            "vae_path": str(files / "models/vae/tiny_vae_16ch.safetensors"),
+            "text_encoder_paths": [str(files / "models/text_encoders/clip_l.safetensors")],
+        },
+        "network": {"type": "lora", "linear": 4, "linear_alpha": 4},
+        "save": {"dtype": "float16", "save_every": 2, "max_step_saves_to_keep": 2},
+        "datasets": [{"folder_path": str(files / "data"), "caption_ext": "txt", "caption_dropout_rate": 0.1,
+                      "resolution": 64}],
+        "train": {"batch_size": 2, "steps": STEPS, "lr": 1e-3, "optimizer": "adamw", "gradient_checkpointing": False,
+                  "noise_scheduler": "flowmatch", "dtype": "fp32", "seed": 3},
+        "sample": {"sample_every": 2, "width": 64, "height": 64, "prompts": ["[trigger] a red circle"],
+                   "sample_steps": 2},
+    }
+
+
+def job_form(short: dict) -> dict:
+    """ai-toolkit's layout of the same settings."""
+    process = {key: value for key, value in short.items() if key != "name"}
+    return {"job": "extension", "config": {"name": short["name"], "process": [{"type": "sd_trainer", **process}]},
+            "meta": {"name": "[name]", "version": "1.0"}}
+
+
+def write(folder: Path, config: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def line_of(path: Path, text: str) -> int:
+    """The 1-based line of the first line of `path` that contains `text`."""
+    return next(i for i, line in enumerate(path.read_text().splitlines(), 1) if text in line)
+
+
+@pytest.fixture(scope="module")
+def trained(files, tmp_path_factory) -> dict[str, Path]:
+    """The LoRA files of one short-form and one job-form run of the same settings."""
+    root = tmp_path_factory.mktemp("cli_runs")
+    loras = {}
+    for form, make in (("short", lambda c: c), ("job", job_form)):
+        config = write(root / form, make(short_form(files)))
+        assert cli.main(["train", str(config), "--cpu"]) == 0
+        loras[form] = root / form / "out" / "tiny" / "tiny.safetensors"
+    return loras
+
+
+def test_both_forms_train_the_same_lora_which_comfyui_loads_with_every_key(files, trained, caplog):
+    for lora in trained.values():
+        run = lora.parent
+        assert [p.name for p in export.list_checkpoints(run / "checkpoints")] == ["step-000002"]
+        assert sorted(p.name for p in (run / "samples").iterdir()) == ["step000002_00.png", "step000004_00.png"]
+    short, job = (safetensors.torch.load_file(trained[form]) for form in ("short", "job"))
+    assert short.keys() == job.keys() and all((short[k] == job[k]).all() for k in short)
+    with safetensors.safe_open(str(trained["short"]), framework="pt") as file:
+        metadata = file.metadata()
+    assert metadata["ss_steps"] == str(STEPS) and metadata["modelspec.trigger_phrase"] == "shp"
+    assert short[next(k for k in short if k.endswith("lora_up.weight"))].dtype == torch.float16
+
+    model = comfy.sd.load_diffusion_model(str(files / "models/diffusion_models/tiny_sd3.safetensors"))
+    caplog.clear()
+    lora = comfy.utils.load_torch_file(str(trained["short"]))
+    with caplog.at_level(logging.WARNING):
+        patched, _ = comfy.sd.load_lora_for_models(model, None, lora, 1, 0)
+    assert "lora key not loaded" not in caplog.text
+    assert len(patched.patches) == len(short) // 3  # one patched weight per layer (down, up, alpha)
+
+
+@pytest.mark.parametrize("flag, claimed", [("is_flux", "flux"), ("is_xl", "sdxl")])
+def test_a_family_flag_that_contradicts_the_weights_is_an_error_naming_both(files, tmp_path, caplog, flag, claimed):
+    config = short_form(files)
+    del config["model"]["is_v3"]
+    config["model"][flag] = True
+    path = write(tmp_path, config)
+    assert cli.main(["train", str(path), "--cpu"]) == cli.EXIT_CONFIG
+    assert f"config.yaml:{line_of(path, flag)}: model.{flag}: says {claimed}, but the weights in " in caplog.text
+    assert "tiny_sd3.safetensors are sd3" in caplog.text
+
+
+def set_key(dotted: str, value):
+    def change(config: dict) -> None:
+        *parents, last = dotted.split(".")
+        for part in parents:
+            config = config[part]
+        config[last] = value
+    return change
+
+
+def delete_key(dotted: str):
+    def change(config: dict) -> None:
+        section, key = dotted.split(".")
+        del config[section][key]
+    return change
+
+
+@pytest.mark.parametrize("form", ["short", "job"])
+@pytest.mark.parametrize("change, line_text, expected", [
+    (set_key("train.steps", "many"), "steps:", "train.steps: expected an integer, got 'many'"),
+    (set_key("train.lr", "fast"), "lr:", "train.lr: expected a number, got 'fast'"),
+    (set_key("train.optimizer", "sgd"), "optimizer:", "train.optimizer: 'sgd' is not one of 'adamw', 'adamw8bit'"),
+    (set_key("model.is_v2", True), "is_v2:", "model.is_v2: unknown family flag"),
+    (set_key("model.is_xl", True), "is_xl:", "model.is_xl: contradicts model.is_v3"),
+    (set_key("network.linear", 0), "linear:", "network.linear: must be an integer >= 1, got 0"),
+    (delete_key("model.name_or_path"), "model:", "model.name_or_path: missing: this key is required"),
+])
+def test_a_broken_config_is_refused_naming_the_key_and_its_line(files, tmp_path, caplog, form, change, line_text,
+                                                               expected):
+    config = short_form(files)
+    change(config)
+    path = write(tmp_path, config if form == "short" else job_form(config))
+    assert cli.main(["train", str(path), "--cpu"]) == cli.EXIT_CONFIG
+    prefix = "" if form == "short" else "config.process[0]."
+    assert f"config.yaml:{line_of(path, line_text)}: {prefix}{expected}" in caplog.text
+
+
+def test_a_missing_dataset_folder_is_refused(files, tmp_path, caplog):
+    config = short_form(files)
+    config["datasets"][0]["folder_path"] = "no_such_folder"
+    path = write(tmp_path, config)
+    assert cli.main(["train", str(path), "--cpu"]) == cli.EXIT_CONFIG
+    line = line_of(path, "folder_path:")
+    assert f"config.yaml:{line}: datasets[0].folder_path: {tmp_path / 'no_such_folder'} is not a folder" in caplog.text
+
+
+def test_unknown_keys_are_warnings_and_errors_with_strict(files, tmp_path, caplog, capsys):
+    config = short_form(files)
+    config["train"]["ema_decay"] = 0.99
+    config["low_vram"] = True
+    path = write(tmp_path, config)
+    warnings = [f"config.yaml:{line_of(path, 'ema_decay')}: train.ema_decay: unknown key",
+                f"config.yaml:{line_of(path, 'low_vram')}: low_vram: unknown key"]
+    assert cli.main(["--print-config", str(path)]) == 0
+    assert all(w in caplog.text for w in warnings) and "WARNING" in caplog.text
+    assert yaml.safe_load(capsys.readouterr().out)["train"]["steps"] == STEPS
+    caplog.clear()
+    assert cli.main(["train", str(path), "--strict", "--print-config"]) == cli.EXIT_CONFIG
+    assert "unknown keys (--strict makes them errors)" in caplog.text and all(w in caplog.text for w in warnings)
+
+
+def test_print_config_resolves_both_forms_to_the_same_short_form(files, tmp_path, capsys):
+    config = short_form(files)
+    config["train"].pop("lr")
+    config["train"]["gradient_accumulation_steps"] = 3
+    config["datasets"][0]["resolution"] = [32, 64]
+    printed = []
+    for form, make in (("short", lambda c: c), ("job", job_form)):
+        path = write(tmp_path / form, make(copy.deepcopy(config)))
+        # Plain YAML reads 1e-4 as a string, as ai-toolkit files write it.
+        path.write_text(re.sub(r"( +)steps: 4\n", r"\g<0>\1lr: 1e-4\n", path.read_text()))
+        assert cli.main(["--print-config", str(path)]) == 0
+        printed.append(yaml.safe_load(capsys.readouterr().out))
+    short, job = printed
+    assert short | {"training_folder": ""} == job | {"training_folder": ""}
+    assert short["training_folder"] == str(tmp_path / "short" / "out")
+    assert short["train"]["lr"] == 1e-4 and short["train"]["gradient_accumulation"] == 3
+    assert short["train"]["optimizer"] == "adamw" and short["train"]["lr_scheduler"] == "constant"
+    assert short["datasets"][0]["resolution"] == 64 and short["save"]["dtype"] == "fp16"
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(files, tmp_path, caplog):
+    config = short_form(files, name="stopped")
+    config["train"]["steps"] = 30
+    config["save"]["save_every"] = 0
+    del config["sample"]
+    path = write(tmp_path, config)
+    command = [sys.executable, "-m", "trainer_core", "train", str(path), "--cpu"]
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=os.environ | {"COMFYUI_PATH": str(COMFY_HOST)},
+                               stderr=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(120, process.kill)
+    watchdog.start()
+    try:
+        output = []
+        for line in process.stderr:
+            output.append(line)
+            if line.startswith("step 1/30"):
+                process.send_signal(signal.SIGINT)
+                break
+        output.append(process.stderr.read())
+        code = process.wait()
+    finally:
+        watchdog.cancel()
+    output = "".join(output)
+    assert code == cli.EXIT_INTERRUPTED, output
+    checkpoints = export.list_checkpoints(tmp_path / "out" / "stopped" / "checkpoints")
+    assert len(checkpoints) == 1, output
+    assert f"Continue with: lora-train train {path} --cpu --resume" in output
+    assert "step 1/30  loss " in output
+    stopped_at = int(checkpoints[0].name.removeprefix("step-"))
+    assert 1 <= stopped_at < 30
+
+    with caplog.at_level(logging.INFO):
+        assert cli.main(["train", str(path), "--cpu", "--resume"]) == 0
+    assert f"resumed at step {stopped_at} from {checkpoints[0]}" in caplog.text
+    with safetensors.safe_open(str(tmp_path / "out" / "stopped" / "stopped.safetensors"), framework="pt") as file:
+        assert file.metadata()["ss_steps"] == "30"
+
+
+def test_resume_without_a_checkpoint_is_refused(files, tmp_path, caplog):
+    path = write(tmp_path, short_form(files))
+    assert cli.main(["train", str(path), "--cpu", "--resume"]) == cli.EXIT_CONFIG
+    assert "no checkpoint at" in caplog.text
+
+
+def test_comfyui_is_found_above_the_custom_nodes_folder(tmp_path, monkeypatch):
+    host = tmp_path / "ComfyUI"
+    (host / "comfy").mkdir(parents=True)
+    (host / "comfy" / "cli_args.py").touch()
+    monkeypatch.delenv("COMFYUI_PATH", raising=False)
+    monkeypatch.setattr(cli, "PACK_ROOT", host / "custom_nodes" / "comfyui-lora-trainer")
+    assert cli.find_comfyui() == host.resolve()
+    monkeypatch.setenv("COMFYUI_PATH", str(tmp_path / "elsewhere"))
+    with pytest.raises(FileNotFoundError, match="set COMFYUI_PATH"):
+        cli.find_comfyui()
+
+
+def test_the_console_script_is_the_cli():
+    pyproject = (REPO_ROOT / "pyproject.toml").read_text()
+    assert '[project.scripts]\nlora-train = "trainer_core.cli:main"\n' in pyproject
+    assert callable(cli.main)
+
+
+def test_torchrun_with_two_processes_trains_the_lora_of_one_process(files, tmp_path):
+    # Three images in batches of two: every other batch holds one image, and one process gets none of it.
+    config = short_form(files)
+    config["datasets"][0]["folder_path"] = str(graph_data.write_dataset(tmp_path / "three", count=3))
+    config["save"]["dtype"] = "float32"
+    del config["sample"]
+    single, parallel = write(tmp_path / "single", config), write(tmp_path / "parallel", config)
+    assert cli.main(["train", str(single), "--cpu"]) == 0
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "trainer_core", "train", str(parallel), "--cpu"]
+    result = subprocess.run(command, cwd=REPO_ROOT, env=os.environ | {"COMFYUI_PATH": str(COMFY_HOST)},
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stderr.count(f"step {STEPS}/{STEPS}  loss ") == 1  # only the first process reports
+    one, two = (safetensors.torch.load_file(p.parent / "out/tiny/tiny.safetensors") for p in (single, parallel))
+    assert one.keys() == two.keys()
+    for key in one:
+        # The float rounding of splitting the batch is all that may differ.
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-6, msg=key)
+    assert max(t.abs().max().item() for k, t in one.items() if k.endswith("lora_up.weight")) > 1e-3
