@@ -32,7 +32,6 @@ import datetime
 import gc
 import json
 import math
-import os
 import statistics
 import subprocess
 import sys
@@ -48,23 +47,12 @@ DATASET_SIZE = 4  # samples per run; batches of 4 take all of them
 
 
 def import_host(cpu: bool) -> Path:
-    """Puts ComfyUI (COMFYUI_PATH or .comfyui/) and this repo on sys.path and starts ComfyUI as a library."""
-    host = Path(os.environ.get("COMFYUI_PATH") or REPO / ".comfyui").resolve()
-    if not (host / "comfy" / "cli_args.py").is_file():
-        sys.exit(f"no ComfyUI at {host}: set COMFYUI_PATH or run `make host`")
-    # The host first: ComfyUI's top-level `nodes` module would otherwise be shadowed by this pack's `nodes/`.
-    for entry in (REPO, host):
-        if str(entry) in sys.path:
-            sys.path.remove(str(entry))
-        sys.path.insert(0, str(entry))
-    import comfy.options
+    """Starts ComfyUI (COMFYUI_PATH or .comfyui/) as a library the way the command line does."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from trainer_core.cli import import_comfyui
 
-    comfy.options.enable_args_parsing(False)
-    from comfy.cli_args import args
-
-    # Read when comfy.model_management is first imported, which picks the device then.
-    args.cpu = cpu
-    import comfy.model_management  # noqa: F401
+    host = import_comfyui(cpu)
     import comfy.utils
 
     comfy.utils.PROGRESS_BAR_ENABLED = False  # TrainLoraNode's tqdm bar would flood the log

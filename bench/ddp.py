@@ -8,7 +8,6 @@ time after the warm-up and the images per second; run it with N = 1 and N = 2 to
 
 import argparse
 import itertools
-import os
 import statistics
 import sys
 import time
@@ -26,9 +25,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--resolution", type=int, default=1024)
     args = parser.parse_args()
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    os.environ["CUDA_VISIBLE_DEVICES"] = str(local_rank)  # before ComfyUI picks its device
-    import_host(cpu=False)
+    import_host(cpu=False)  # under torchrun it gives each process its own GPU
 
     import architectures
     import torch
