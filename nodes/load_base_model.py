@@ -1,21 +1,14 @@
-import comfy.sd
-import comfy.utils
 import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..trainer_core.config import TrainConfig
-from ..trainer_core.families import family_for
+from ..trainer_core import loading
 from .lora_config import CATEGORY
 
 NONE = "(none)"
 WEIGHT_DTYPES = {"default": None, "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 # Text encoders each family's diffusion model needs, in ComfyUI's loader order.
-CLIP_TYPES = {
-    "sdxl": (comfy.sd.CLIPType.STABLE_DIFFUSION, "clip_l + clip_g"),
-    "sd3": (comfy.sd.CLIPType.SD3, "clip_l + clip_g + t5xxl"),
-    "flux": (comfy.sd.CLIPType.FLUX, "clip_l + t5xxl"),
-}
+TEXT_ENCODERS = {"sdxl": "clip_l + clip_g", "sd3": "clip_l + clip_g + t5xxl", "flux": "clip_l + t5xxl"}
 
 
 def _choices(folder: str) -> list[str]:
@@ -60,24 +53,19 @@ class LoadBaseModelNode(io.ComfyNode):
     @classmethod
     def execute(cls, checkpoint, diffusion_model, weight_dtype, text_encoder_1, text_encoder_2, text_encoder_3,
                 vae) -> io.NodeOutput:
-        model_options = {"dtype": WEIGHT_DTYPES[weight_dtype]} if WEIGHT_DTYPES[weight_dtype] else {}
         embeddings = folder_paths.get_folder_paths("embeddings")
-        clip = loaded_vae = None
         if checkpoint != NONE:
             path = folder_paths.get_full_path_or_raise("checkpoints", checkpoint)
-            model, clip, loaded_vae = comfy.sd.load_checkpoint_guess_config(
-                path, embedding_directory=embeddings, model_options=model_options)[:3]
         else:
             path = folder_paths.get_full_path_or_raise("diffusion_models", diffusion_model)
-            model = comfy.sd.load_diffusion_model(path, model_options=model_options)
-        family = family_for(model.model, TrainConfig()).name
+        model, clip, loaded_vae, family = loading.load_diffusion_model(
+            path, checkpoint != NONE, WEIGHT_DTYPES[weight_dtype], embeddings)
         encoders = [e for e in (text_encoder_1, text_encoder_2, text_encoder_3) if e != NONE]
         if encoders:
-            clip_type = CLIP_TYPES[family][0]
             paths = [folder_paths.get_full_path_or_raise("text_encoders", e) for e in encoders]
-            clip = comfy.sd.load_clip(paths, embedding_directory=embeddings, clip_type=clip_type)
+            clip = loading.load_text_encoders(paths, family, embeddings)
         if clip is None:
-            raise ValueError(f"this {family} model needs text encoders ({CLIP_TYPES[family][1]}): choose them")
+            raise ValueError(f"this {family} model needs text encoders ({TEXT_ENCODERS[family]}): choose them")
         if vae != NONE:
-            loaded_vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(folder_paths.get_full_path_or_raise("vae", vae)))
+            loaded_vae = loading.load_vae(folder_paths.get_full_path_or_raise("vae", vae))
         return io.NodeOutput(model, clip, loaded_vae, family)

@@ -18,14 +18,12 @@ from datetime import timedelta
 from pathlib import Path
 
 import comfy.model_management
-import comfy.sd
-import comfy.utils
 import torch
 
-from . import distributed, export
+from . import distributed, export, loading
 from .config import ConfigError, LoraConfig, SaveConfig, TrainConfig
 from .data import DatasetConfig, DatasetError, build_samples
-from .families import UnsupportedModelError, family_for
+from .families import UnsupportedModelError
 from .job import Event, TrainingFailed, TrainingJob
 from .sampling import SampleHook, SampleSettings, encode_prompts
 from .trainer import Trainer
@@ -34,7 +32,6 @@ from .yaml_config import FAMILY_FLAGS, ConfigFileError, ResolvedConfig
 log = logging.getLogger(__name__)
 
 EXIT_FAILED, EXIT_INTERRUPTED = 1, 130
-CLIP_TYPES = {"sdxl": comfy.sd.CLIPType.STABLE_DIFFUSION, "sd3": comfy.sd.CLIPType.SD3, "flux": comfy.sd.CLIPType.FLUX}
 NOISE_SCHEDULER_OF = {"sdxl": "ddpm", "sd3": "flowmatch", "flux": "flowmatch"}
 FLOAT8 = torch.float8_e4m3fn
 
@@ -101,30 +98,27 @@ def load_models(config: ResolvedConfig) -> Models:
     `name_or_path` is a diffusion-model file (and `vae_path` is needed); otherwise a checkpoint, whose
     VAE `vae_path` may replace. The family is detected from the weights and checked against the flags."""
     model = config.values["model"]
-    options = {"dtype": FLOAT8} if model["quantize"] else {}
     path = model["name_or_path"]
-    clip = vae = None
-    if model["text_encoder_paths"]:
-        if not model["vae_path"]:
-            raise config.error("model.vae_path", "a diffusion-model file (with text_encoder_paths) needs a VAE file")
-        patcher = comfy.sd.load_diffusion_model(path, model_options=options)
-    else:
-        try:
-            patcher, clip, vae = comfy.sd.load_checkpoint_guess_config(path, model_options=options)[:3]
-        except RuntimeError as error:
-            raise config.error("model.name_or_path", f"{error}; for a diffusion-model file give "
-                               "model.text_encoder_paths and model.vae_path") from None
+    is_checkpoint = not model["text_encoder_paths"]
+    if not is_checkpoint and not model["vae_path"]:
+        raise config.error("model.vae_path", "a diffusion-model file (with text_encoder_paths) needs a VAE file")
     try:
-        family = family_for(patcher.model, TrainConfig()).name
+        patcher, clip, vae, family = loading.load_diffusion_model(path, is_checkpoint, FLOAT8 if model["quantize"]
+                                                                  else None)
     except UnsupportedModelError as error:
         raise config.error("model.name_or_path", str(error)) from None
+    except RuntimeError as error:
+        if not is_checkpoint:
+            raise
+        raise config.error("model.name_or_path", f"{error}; for a diffusion-model file give "
+                           "model.text_encoder_paths and model.vae_path") from None
     for flag, claimed in FAMILY_FLAGS.items():
         if model[flag] and claimed != family:
             raise config.error(f"model.{flag}", f"says {claimed}, but the weights in {path} are {family}")
     if model["text_encoder_paths"]:
-        clip = comfy.sd.load_clip(model["text_encoder_paths"], clip_type=CLIP_TYPES[family])
+        clip = loading.load_text_encoders(model["text_encoder_paths"], family)
     if model["vae_path"]:
-        vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(model["vae_path"]))
+        vae = loading.load_vae(model["vae_path"])
     if clip is None or vae is None:
         raise config.error("model.name_or_path", f"{path} holds no {'text encoders' if clip is None else 'VAE'}; "
                            "give model.text_encoder_paths and model.vae_path")

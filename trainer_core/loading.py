@@ -1,0 +1,36 @@
+"""The base model through ComfyUI's own loaders, for the Load Base Model node and the command line."""
+
+import comfy.sd
+import comfy.utils
+import torch
+
+from .config import TrainConfig
+from .families import family_for
+
+# ComfyUI's text-encoder loader type for each family's encoders (clip_l + clip_g, + t5xxl, clip_l + t5xxl).
+CLIP_TYPES = {
+    "sdxl": comfy.sd.CLIPType.STABLE_DIFFUSION,
+    "sd3": comfy.sd.CLIPType.SD3,
+    "flux": comfy.sd.CLIPType.FLUX,
+}
+
+
+def load_diffusion_model(path: str, is_checkpoint: bool, weight_dtype: torch.dtype | None, embeddings=None):
+    """(MODEL, CLIP or None, VAE or None, family name) of a checkpoint, or of a diffusion-model file
+    (then CLIP and VAE are None). `weight_dtype` (e.g. fp8) is how the diffusion model's weights are stored."""
+    options = {"dtype": weight_dtype} if weight_dtype is not None else {}
+    clip = vae = None
+    if is_checkpoint:
+        model, clip, vae = comfy.sd.load_checkpoint_guess_config(
+            path, embedding_directory=embeddings, model_options=options)[:3]
+    else:
+        model = comfy.sd.load_diffusion_model(path, model_options=options)
+    return model, clip, vae, family_for(model.model, TrainConfig()).name
+
+
+def load_text_encoders(paths: list[str], family: str, embeddings=None):
+    return comfy.sd.load_clip(paths, embedding_directory=embeddings, clip_type=CLIP_TYPES[family])
+
+
+def load_vae(path: str):
+    return comfy.sd.VAE(sd=comfy.utils.load_torch_file(path))
