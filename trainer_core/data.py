@@ -36,7 +36,6 @@ import math
 import os
 import random
 import re
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +50,7 @@ from PIL import ExifTags, Image, ImageOps
 
 from . import comfy_compat
 from .config import ConfigError, TrainConfig, _require
+from .export import write_safetensors_atomic
 from .families import family_for
 from .trainer import Sample
 
@@ -340,25 +340,9 @@ class TensorCache:
             except (OSError, safetensors.SafetensorError) as error:
                 log.warning("dataset: cache file %s is unreadable (%s); computing it again", path, error)
         tensors = {k: v.detach().cpu().contiguous() for k, v in compute().items()}
-        save_atomically(path, tensors, {"source": source})
+        write_safetensors_atomic(path, tensors, {"source": source})
         self.misses += 1
         return tensors
-
-
-def save_atomically(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Writes a safetensors file that readers see whole or not at all, also after a crash."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = safetensors.torch.save(tensors, metadata=metadata)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 # -- building samples ----------------------------------------------------------------------------
