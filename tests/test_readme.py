@@ -1,22 +1,10 @@
 """The README documents every input of every node the pack registers, with its tooltip."""
 
-import asyncio
-import importlib.util
-import sys
 from pathlib import Path
 
+from test_server import pack_nodes
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def pack_nodes() -> list:
-    spec = importlib.util.spec_from_file_location(
-        "comfyui_lora_trainer_docs", REPO_ROOT / "__init__.py", submodule_search_locations=[str(REPO_ROOT)]
-    )
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = pack
-    spec.loader.exec_module(pack)
-    extension = asyncio.run(pack.comfy_entrypoint())
-    return asyncio.run(extension.get_node_list())
 
 
 def test_every_node_input_is_documented_with_its_tooltip() -> None:

@@ -26,8 +26,8 @@ FOLDER_LOADERS = {
 }
 
 
-def pack_node_ids() -> list[str]:
-    """The node ids the pack registers, read from its own entry point as ComfyUI reads them."""
+def pack_nodes() -> list:
+    """The node classes the pack registers, read from its own entry point as ComfyUI reads them."""
     spec = importlib.util.spec_from_file_location(
         "comfyui_lora_trainer", REPO_ROOT / "__init__.py", submodule_search_locations=[str(REPO_ROOT)]
     )
@@ -39,7 +39,11 @@ def pack_node_ids() -> list[str]:
         extension = await pack.comfy_entrypoint()
         return await extension.get_node_list()
 
-    return [node.GET_SCHEMA().node_id for node in asyncio.run(node_list())]
+    return asyncio.run(node_list())
+
+
+def pack_node_ids() -> list[str]:
+    return [node.GET_SCHEMA().node_id for node in pack_nodes()]
 
 
 def pack_folders(server: ComfyServer) -> list[str]:
