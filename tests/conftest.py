@@ -18,34 +18,19 @@ torch.set_num_threads(1)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def resolve_comfy_host() -> Path:
-    host = Path(os.environ.get("COMFYUI_PATH") or REPO_ROOT / ".comfyui").resolve()
-    if not (host / "comfy" / "cli_args.py").is_file():
-        raise pytest.UsageError(
-            f"No ComfyUI host at {host}. Run `make host` to provision the pinned ComfyUI 0.3.75, "
-            "or point COMFYUI_PATH at a ComfyUI checkout."
-        )
-    return host
+# The repo root first, for `trainer_core`; import_comfyui then puts the host in front of it, since
+# ComfyUI's own top-level `nodes` module must not be shadowed by this pack's `nodes/` package.
+if str(REPO_ROOT) in sys.path:
+    sys.path.remove(str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT))
 
+from trainer_core.cli import import_comfyui  # noqa: E402
 
-COMFY_HOST = resolve_comfy_host()
-
-# The host goes first: ComfyUI imports its own top-level `nodes` module, which this pack's
-# `nodes/` package would otherwise shadow. The repo root comes right after it, for `trainer_core`.
-for entry in (REPO_ROOT, COMFY_HOST):
-    if str(entry) in sys.path:
-        sys.path.remove(str(entry))
-    sys.path.insert(0, str(entry))
-
-import comfy.options  # noqa: E402
-
-# ComfyUI parses sys.argv only when asked to (main.py asks); pytest's argv must stay unparsed.
-comfy.options.enable_args_parsing(False)
-
-from comfy.cli_args import args  # noqa: E402
-
-# Must be set before comfy.model_management is imported: it picks the device at import time.
-args.cpu = True
+try:
+    # COMFYUI_PATH, else the host `make host` provisions; ComfyUI in CPU mode, never parsing pytest's argv.
+    COMFY_HOST = import_comfyui(cpu=True)
+except FileNotFoundError as error:
+    raise pytest.UsageError(f"{error}. Run `make host` to provision the pinned ComfyUI 0.3.75.") from None
 
 import comfy.model_management  # noqa: E402
 import folder_paths  # noqa: E402
