@@ -7,8 +7,9 @@ DEV_STAMP := $(VENV)/.dev-requirements-installed
 HOST_STAMP := .comfyui/.provisioned-0.3.75
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
+CHROMIUM := /usr/bin/chromium
 
-.PHONY: test test-all lint host venv clean-host demo
+.PHONY: test test-all lint host venv browser clean-host demo
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,11 +26,21 @@ host: $(DEV_STAMP)
 lint: $(DEV_STAMP)
 	$(PY) -m ruff check .
 
-test: lint host
+# Debian's Chromium for the browser tests (Playwright drives it; it never downloads a browser).
+$(CHROMIUM):
+	@if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
+		echo "The browser tests need Debian's Chromium at $(CHROMIUM): run 'sudo apt-get install chromium'."; \
+		exit 1; fi
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium
+
+browser: $(CHROMIUM) $(DEV_STAMP)
+
+test: lint host browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Also the slow tests: full-width Flux and full-size SDXL through ComfyUI's real loaders.
-test-all: lint host
+test-all: lint host browser
 	$(PY) -m pytest --run-slow $(PYTEST_ARGS)
 
 # A tiny LoRA training run in a live ComfyUI with this pack (README, "Demo"). ComfyUI keeps running

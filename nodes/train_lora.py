@@ -14,6 +14,7 @@ from ..trainer_core.job import TrainingJob
 from ..trainer_core.sampling import SampleHook, SampleSettings, encode_prompts
 from ..trainer_core.trainer import Trainer
 from .compat import ADVANCED, send_event
+from .live_runs import RUNS, RunRecord
 from .lora_config import CATEGORY
 from .sample_preview import prompt_lines
 
@@ -74,6 +75,7 @@ class TrainLoraNode(io.ComfyNode):
                                 tooltip="A checkpoint folder to continue from, or 'latest' for this output name's "
                                         "newest; empty starts fresh."),
             ],
+            hidden=[io.Hidden.unique_id],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The input model with the trained LoRA applied."),
                 # Any type: ComfyUI refuses a STRING link into a file list (the LoRA Loader's lora_name) at
@@ -110,18 +112,24 @@ class TrainLoraNode(io.ComfyNode):
             # inference tensors, which the training thread cannot update in place.
             with torch.inference_mode(False):
                 export.resume(trainer, target)
-        hooks = [export.CheckpointHook(save, started_at=time.time())]
+        checkpoints = export.CheckpointHook(save, started_at=time.time())
+        hooks = [checkpoints]
         if settings is not None:
             samples_folder = export.checkpoints_folder(save).parent / "samples"
             hooks.append(SampleHook(vae, encoded, settings, sample_every, samples_folder))
-        history, lora_name = cls._watch(TrainingJob(trainer, hooks), steps)
+        job = TrainingJob(trainer, hooks)
+        run = RUNS.add(RunRecord(str(cls.hidden.unique_id), save.name, steps, job,
+                                 folder_paths.get_output_directory(), checkpoints))
+        history, lora_name = cls._watch(job, run)
         network = trainer.network
         return io.NodeOutput(export.apply_lora_to_clone(model, network), lora_name, history)
 
     @classmethod
-    def _watch(cls, job: TrainingJob, total: int):
-        """Relays the run's events to ComfyUI until it ends; Cancel stops it at the next step
-        (the checkpoint hook saves it) and is then re-raised, as ComfyUI expects."""
+    def _watch(cls, job: TrainingJob, run: RunRecord):
+        """Relays the run's events to ComfyUI and the browser's panel until it ends; Cancel (or the
+        panel's Stop) stops it at the next step (the checkpoint hook saves it) and is then re-raised,
+        as ComfyUI expects."""
+        total = run.total_steps
         progress = comfy.utils.ProgressBar(total)
         history = {"step": [], "loss": [], "lr": []}
         lora_name = ""
@@ -151,7 +159,7 @@ class TrainLoraNode(io.ComfyNode):
                 elif event.kind == "done":
                     # Also true where ComfyUI's own check inside the model took the Cancel first.
                     cancelled = event.data["cancelled"]
-                send_event(event)
+                send_event(event.kind, run.record(event))
         job.result()
         comfy.model_management.throw_exception_if_processing_interrupted()
         if cancelled:

@@ -156,10 +156,11 @@ def test_a_trained_lora_loads_in_comfyuis_lora_loader_and_changes_the_image(
     steps = trainer_events(events, "step")
     assert [s["step"] for s in steps] == list(range(1, STEPS + 1))
     assert all(s["total_steps"] == STEPS and np.isfinite(s["loss"]) for s in steps)
+    assert len({s["run_id"] for s in steps}) == 1 and all(s["node"] == "train" for s in steps), "the panel's keys"
     assert [s["step"] for s in trainer_events(events, "sample")] == [2, STEPS]
     saved = trainer_events(events, "saved")
     assert [(s["kind"], s["step"]) for s in saved] == [("checkpoint", 2), ("lora", STEPS)]
-    assert trainer_events(events, "done") == [{"cancelled": False, "step": STEPS}]
+    assert [(d["cancelled"], d["step"]) for d in trainer_events(events, "done")] == [(False, STEPS)]
     # The node's progress bar ends at the last step; sample previews arrive as binary messages.
     progress = [m["data"] for m in events.messages("progress", trained_id) if m["data"]["node"] == "train"]
     assert (progress[-1]["value"], progress[-1]["max"]) == (STEPS, STEPS)
@@ -190,7 +191,7 @@ def test_cancel_saves_a_checkpoint_that_a_second_prompt_resumes_from(comfy_serve
     assert entry["status"]["status_str"] == "error"
     assert "execution_interrupted" in [kind for kind, _ in entry["status"]["messages"]]
     last_step = trainer_events(events, "step")[-1]["step"]
-    assert trainer_events(events, "done") == [{"cancelled": True, "step": last_step}]
+    assert [(d["cancelled"], d["step"]) for d in trainer_events(events, "done")] == [(True, last_step)]
     (saved,) = trainer_events(events, "saved")
     checkpoint = comfy_server.output_dir / name / "checkpoints" / f"step-{last_step:06d}"
     assert (saved["kind"], Path(saved["path"])) == ("checkpoint", checkpoint)

@@ -26,14 +26,27 @@ FOLDER_LOADERS = {
 }
 
 
-def pack_nodes() -> list:
-    """The node classes the pack registers, read from its own entry point as ComfyUI reads them."""
+PACK_MODULE = "comfyui_lora_trainer"
+
+
+def import_pack():
+    """The pack as ComfyUI imports it: a package from its folder (its node modules are imported
+    relative to it, e.g. `comfyui_lora_trainer.nodes.live_runs`, since ComfyUI's own `nodes` module
+    comes first on sys.path)."""
+    if PACK_MODULE in sys.modules:
+        return sys.modules[PACK_MODULE]
     spec = importlib.util.spec_from_file_location(
-        "comfyui_lora_trainer", REPO_ROOT / "__init__.py", submodule_search_locations=[str(REPO_ROOT)]
+        PACK_MODULE, REPO_ROOT / "__init__.py", submodule_search_locations=[str(REPO_ROOT)]
     )
     pack = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = pack
     spec.loader.exec_module(pack)
+    return pack
+
+
+def pack_nodes() -> list:
+    """The node classes the pack registers, read from its own entry point as ComfyUI reads them."""
+    pack = import_pack()
 
     async def node_list():
         extension = await pack.comfy_entrypoint()

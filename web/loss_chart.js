@@ -1,0 +1,114 @@
+// A loss chart drawn on a canvas: the raw values faint, an exponential moving average on top,
+// step on x, loss on y (linear or log). No library: a line chart this small is not worth a vendor.
+
+const SMOOTHING = 0.9;
+const MARGIN = { left: 52, right: 10, top: 10, bottom: 22 };
+const COLORS = { raw: "rgba(110, 170, 255, 0.35)", smooth: "#6eaaff", grid: "rgba(128, 128, 128, 0.25)" };
+
+// EMA with the start-up bias removed, so the first points are not pulled toward zero.
+export function smoothed(values, weight = SMOOTHING) {
+  const out = [];
+  let average = 0;
+  values.forEach((value, index) => {
+    average = weight * average + (1 - weight) * value;
+    out.push(average / (1 - weight ** (index + 1)));
+  });
+  return out;
+}
+
+function formatLoss(value) {
+  if (value === 0) return "0";
+  const magnitude = Math.abs(value);
+  return magnitude >= 1000 || magnitude < 0.001 ? value.toExponential(1) : value.toPrecision(3);
+}
+
+export class LossChart {
+  constructor(canvas) {
+    this.canvas = canvas;
+    this.steps = [];
+    this.losses = [];
+    this.logScale = false;
+  }
+
+  setData(steps, losses) {
+    this.steps = steps;
+    this.losses = losses;
+    this.draw();
+  }
+
+  draw() {
+    const canvas = this.canvas;
+    const ratio = window.devicePixelRatio || 1;
+    const width = canvas.clientWidth;
+    const height = canvas.clientHeight;
+    if (!width || !height) return;
+    canvas.width = Math.round(width * ratio);
+    canvas.height = Math.round(height * ratio);
+    const context = canvas.getContext("2d");
+    context.setTransform(ratio, 0, 0, ratio, 0, 0);
+    context.clearRect(0, 0, width, height);
+    const style = getComputedStyle(canvas);
+    context.font = `10px ${style.fontFamily || "sans-serif"}`;
+    context.fillStyle = style.color;
+
+    // Log scale skips values it cannot draw (a loss of exactly 0).
+    const usable = this.losses.map((loss, i) => [this.steps[i], loss])
+      .filter(([, loss]) => Number.isFinite(loss) && (!this.logScale || loss > 0));
+    if (usable.length === 0) {
+      context.textAlign = "center";
+      context.fillText("waiting for the first step…", width / 2, height / 2);
+      return;
+    }
+    const steps = usable.map(([step]) => step);
+    const raw = usable.map(([, loss]) => loss);
+    const smooth = smoothed(raw);
+    const toY = this.logScale ? Math.log10 : (v) => v;
+    const ys = raw.map(toY);
+    let low = Math.min(...ys);
+    let high = Math.max(...ys);
+    if (high - low < 1e-12) {
+      low -= 0.5;
+      high += 0.5;
+    }
+    const first = steps[0];
+    const last = Math.max(steps[steps.length - 1], first + 1);
+    const plotWidth = width - MARGIN.left - MARGIN.right;
+    const plotHeight = height - MARGIN.top - MARGIN.bottom;
+    const x = (step) => MARGIN.left + ((step - first) / (last - first)) * plotWidth;
+    const y = (value) => MARGIN.top + (1 - (toY(value) - low) / (high - low)) * plotHeight;
+
+    context.strokeStyle = COLORS.grid;
+    context.lineWidth = 1;
+    context.textAlign = "right";
+    context.textBaseline = "middle";
+    for (let i = 0; i <= 4; i++) {
+      const level = low + ((high - low) * i) / 4;
+      const py = MARGIN.top + (1 - i / 4) * plotHeight;
+      context.beginPath();
+      context.moveTo(MARGIN.left, py);
+      context.lineTo(width - MARGIN.right, py);
+      context.stroke();
+      context.fillText(formatLoss(this.logScale ? 10 ** level : level), MARGIN.left - 4, py);
+    }
+    context.textBaseline = "top";
+    context.textAlign = "left";
+    context.fillText(String(first), MARGIN.left, height - MARGIN.bottom + 6);
+    context.textAlign = "right";
+    context.fillText(`step ${steps[steps.length - 1]}`, width - MARGIN.right, height - MARGIN.bottom + 6);
+
+    const line = (values, color, lineWidth) => {
+      context.strokeStyle = color;
+      context.lineWidth = lineWidth;
+      context.beginPath();
+      values.forEach((value, i) => {
+        const px = x(steps[i]);
+        const py = y(value);
+        if (i === 0) context.moveTo(px, py);
+        else context.lineTo(px, py);
+      });
+      context.stroke();
+    };
+    line(raw, COLORS.raw, 1);
+    line(smooth, COLORS.smooth, 2);
+  }
+}
