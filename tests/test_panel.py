@@ -198,6 +198,12 @@ def test_the_panel_follows_a_flux_run_reloads_stops_and_resumes(comfy_server: Co
         lightbox.click()
         assert lightbox.count() == 0
 
+        page.get_by_role("button", name="Save now").click()
+        page.get_by_text("checkpoint saved at step").wait_for()
+        (saved,) = [m["data"] for m in events.messages("lora_trainer.saved") if m["data"]["run_id"] == running["runId"]]
+        assert saved["kind"] == "checkpoint"
+        assert (comfy_server.output_dir / name / "checkpoints" / f"step-{saved['step']:06d}" / "resume.json").is_file()
+
         page.reload()
         wait_for_graph(page, len(workflow["nodes"]))
         reloaded = wait_for_panel(page, f"d.runId === '{running['runId']}' && Number(d.points) >= {running['points']}")
@@ -217,7 +223,7 @@ def test_the_panel_follows_a_flux_run_reloads_stops_and_resumes(comfy_server: Co
         assert float(stopped["lastLoss"]) == steps[-1]["loss"] == run["history"]["loss"][-1]
         assert int(stopped["points"]) == len(steps) == len(run["history"]["loss"])
         stop_step = run["step"]
-        assert run["saves"][-1] == {"kind": "checkpoint", "step": stop_step}
+        assert run["saves"] == [{"kind": "checkpoint", "step": step} for step in (saved["step"], stop_step)]
         assert (comfy_server.output_dir / name / "checkpoints" / f"step-{stop_step:06d}").is_dir()
         with pytest.raises(ComfyServerError, match="has already ended"):
             comfy_server.post_json("/lora_trainer/stop", {"run_id": running["runId"]})
