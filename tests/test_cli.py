@@ -1,5 +1,9 @@
-"""`lora-train` end to end on tiny SD3 model files that ComfyUI's loaders take by file: both YAML forms,
-the LoRA through ComfyUI's LoRA loading, errors naming key and line, --print-config, Ctrl-C and --resume."""
+"""`lora-train` end to end for every family, from both YAML forms, its LoRA through ComfyUI's LoRA loading;
+errors naming key and line, --print-config, Ctrl-C and --resume.
+
+SD3 runs on tiny model files that ComfyUI's own loaders take. ComfyUI 0.3.75 detects SDXL only at full size and
+Flux only at hidden 3072, and builds CLIP-G and T5 at full size from any file: the SDXL and Flux runs stand in
+for its two file loaders with the tiny models, and a slow test takes the full-width Flux through the real ones."""
 
 import copy
 import logging
@@ -11,19 +15,26 @@ import sys
 import threading
 from pathlib import Path
 
+import comfy.model_management
 import comfy.sd
 import comfy.utils
 import graph_data
 import pytest
 import safetensors
 import safetensors.torch
+import tiny_encoders
 import torch
 import yaml
 from conftest import COMFY_HOST, REPO_ROOT
+from tiny_models import MODEL_FACTORIES, flux_full_width_file, random_inputs
 
-from trainer_core import cli, export
+from trainer_core import cli, export, loading
 
 STEPS = 4
+FAMILY_FLAGS = {"sdxl": "is_xl", "flux": "is_flux"}
+NOISE_SCHEDULERS = {"sdxl": "ddpm", "flux": "flowmatch"}
+# The tiny models (tiny_models.MODEL_FACTORIES) that stand-in loaders hand out, with their text encoders' family.
+STAND_IN_FAMILIES = {"sdxl_eps": "sdxl", "flux_dev": "flux"}
 
 
 @pytest.fixture(scope="module")
@@ -35,17 +46,22 @@ def files(tmp_path_factory) -> Path:
     return root
 
 
-def short_form(files: Path, name: str = "tiny") -> dict:
+def sd3_model(files: Path) -> dict:
+    return {
+        "name_or_path": str(files / "models/diffusion_models/tiny_sd3.safetensors"),
+        "is_v3": True,
+        "vae_path": str(files / "models/vae/tiny_vae_16ch.safetensors"),
+        "text_encoder_paths": [str(files / "models/text_encoders/clip_l.safetensors")],
+    }
+
+
+def short_form(files: Path, name: str = "tiny", model: dict | None = None) -> dict:
+    """A short-form config of SD3's files, or of `model` (the model section)."""
     return {
         "name": name,
         "training_folder": "out",
         "trigger_word": "shp",
-        "model": {
-            "name_or_path": str(files / "models/diffusion_models/tiny_sd3.safetensors"),
-            "is_v3": True,
-            "vae_path": str(files / "models/vae/tiny_vae_16ch.safetensors"),
-            "text_encoder_paths": [str(files / "models/text_encoders/clip_l.safetensors")],
-        },
+        "model": model or sd3_model(files),
         "network": {"type": "lora", "linear": 4, "linear_alpha": 4},
         "save": {"dtype": "float16", "save_every": 2, "max_step_saves_to_keep": 2},
         "datasets": [{"folder_path": str(files / "data"), "caption_ext": "txt", "caption_dropout_rate": 0.1,
@@ -88,25 +104,107 @@ def trained(files, tmp_path_factory) -> dict[str, Path]:
     return loras
 
 
-def test_both_forms_train_the_same_lora_which_comfyui_loads_with_every_key(files, trained, caplog):
-    for lora in trained.values():
-        run = lora.parent
-        assert [p.name for p in export.list_checkpoints(run / "checkpoints")] == ["step-000002"]
-        assert sorted(p.name for p in (run / "samples").iterdir()) == ["step000002_00.png", "step000004_00.png"]
-    short, job = (safetensors.torch.load_file(trained[form]) for form in ("short", "job"))
-    assert short.keys() == job.keys() and all((short[k] == job[k]).all() for k in short)
-    with safetensors.safe_open(str(trained["short"]), framework="pt") as file:
+def prediction(patcher, inputs: dict) -> torch.Tensor:
+    """The model's output with the patcher's weight patches merged in, as ComfyUI merges them to sample."""
+    comfy.model_management.load_models_gpu([patcher])
+    try:
+        conds = {key: inputs[key] for key in ("y", "guidance") if key in inputs}
+        with torch.no_grad():
+            return patcher.model.apply_model(inputs["x"], inputs["sigma"], c_crossattn=inputs["context"], **conds)
+    finally:
+        comfy.model_management.unload_all_models()
+
+
+def assert_trained_run(run: Path, model, caplog) -> None:
+    """The run folder of a 4-step run saving and sampling every 2 steps, and its LoRA as ComfyUI's LoRA
+    loading takes it onto `model`: every key loaded, and the model's output changed."""
+    assert [p.name for p in export.list_checkpoints(run / "checkpoints")] == ["step-000002"]
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step000002_00.png", "step000004_00.png"]
+    path = run / f"{run.name}.safetensors"
+    with safetensors.safe_open(str(path), framework="pt") as file:
         metadata = file.metadata()
     assert metadata["ss_steps"] == str(STEPS) and metadata["modelspec.trigger_phrase"] == "shp"
-    assert short[next(k for k in short if k.endswith("lora_up.weight"))].dtype == torch.float16
+    lora = comfy.utils.load_torch_file(str(path))
+    assert lora[next(k for k in lora if k.endswith("lora_up.weight"))].dtype == torch.float16
 
-    model = comfy.sd.load_diffusion_model(str(files / "models/diffusion_models/tiny_sd3.safetensors"))
     caplog.clear()
-    lora = comfy.utils.load_torch_file(str(trained["short"]))
     with caplog.at_level(logging.WARNING):
         patched, _ = comfy.sd.load_lora_for_models(model, None, lora, 1, 0)
     assert "lora key not loaded" not in caplog.text
-    assert len(patched.patches) == len(short) // 3  # one patched weight per layer (down, up, alpha)
+    assert len(patched.patches) == len(lora) // 3  # one patched weight per layer (down, up, alpha)
+    inputs = random_inputs(model, batch=1, latent_hw=(8, 8), seed=5)
+    base, changed = prediction(model, inputs), prediction(patched, inputs)
+    assert changed.isfinite().all()
+    assert ((changed - base).norm() / base.norm()).item() > 1e-4, "the trained LoRA does not change the output"
+
+
+def test_both_forms_train_the_same_lora_which_comfyui_loads_with_every_key(files, trained, caplog):
+    short, job = (safetensors.torch.load_file(trained[form]) for form in ("short", "job"))
+    assert short.keys() == job.keys() and all((short[k] == job[k]).all() for k in short)
+    model = comfy.sd.load_diffusion_model(str(files / "models/diffusion_models/tiny_sd3.safetensors"))
+    for lora in trained.values():
+        assert_trained_run(lora.parent, model, caplog)
+
+
+def family_model(family: str, model_file: Path, encoder_files: list[str]) -> dict:
+    """The model section of a config of a diffusion-model file, its text-encoder files and the family's VAE."""
+    return {"name_or_path": str(model_file), FAMILY_FLAGS[family]: True, "text_encoder_paths": encoder_files,
+            "vae_path": str(tiny_encoders.vae_file(tiny_encoders.LATENT_CHANNELS[family]))}
+
+
+def family_config(files: Path, form: str, family: str, model_file: Path, encoder_files: list[str]) -> dict:
+    config = short_form(files, model=family_model(family, model_file, encoder_files))
+    config["train"]["noise_scheduler"] = NOISE_SCHEDULERS[family]
+    return config if form == "short" else job_form(config)
+
+
+def stand_in_for_comfyuis_file_loaders(monkeypatch, name: str, model_file: Path, encoder_files: list[str]) -> None:
+    """comfy.sd's diffusion-model and text-encoder file loaders, which the command line's loading module
+    calls, hand out tiny_models' `name` and tiny_encoders' text encoders of its family instead: ComfyUI cannot
+    detect a tiny SDXL or a narrow Flux from a file, and builds CLIP-G and T5 at full size whatever the file
+    holds. Each checks that it is asked for the files the config names (with the family's encoder type)."""
+    family = STAND_IN_FAMILIES[name]
+    clip = tiny_encoders.build_clip(family)  # before the stand-in: Flux's is built through load_clip
+
+    def load_diffusion_model(unet_path, model_options=None):
+        assert unet_path == str(model_file)
+        return MODEL_FACTORIES[name]()
+
+    def load_clip(ckpt_paths, embedding_directory=None, clip_type=None, model_options=None):
+        assert ckpt_paths == encoder_files and clip_type == loading.CLIP_TYPES[family]
+        return clip
+
+    monkeypatch.setattr(comfy.sd, "load_diffusion_model", load_diffusion_model)
+    monkeypatch.setattr(comfy.sd, "load_clip", load_clip)
+
+
+# One YAML form each: SD3 trains from both, and test_print_config_resolves_both_forms_to_the_same_short_form.
+@pytest.mark.parametrize("name, form", [("sdxl_eps", "job"), ("flux_dev", "short")])
+def test_sdxl_and_flux_train_from_the_cli_into_a_lora_comfyui_loads_with_every_key(files, tmp_path, monkeypatch,
+                                                                                   caplog, name, form):
+    """The whole run (YAML, the family check against the weights, dataset cache, training, checkpoints,
+    previews, the LoRA file) with stand-ins for ComfyUI's file loaders, which cannot load these tiny models
+    (see stand_in_for_comfyuis_file_loaders). The model file holds the weights of the model handed out."""
+    family = STAND_IN_FAMILIES[name]
+    model_file = tmp_path / f"tiny_{name}.safetensors"
+    safetensors.torch.save_file(MODEL_FACTORIES[name]().model.diffusion_model.state_dict(), str(model_file))
+    encoder_files = [str(p) for p in tiny_encoders.clip_files(family)]
+    stand_in_for_comfyuis_file_loaders(monkeypatch, name, model_file, encoder_files)
+    path = write(tmp_path, family_config(files, form, family, model_file, encoder_files))
+    assert cli.main(["train", str(path), "--cpu"]) == 0
+    assert_trained_run(tmp_path / "out" / "tiny", MODEL_FACTORIES[name](), caplog)
+
+
+@pytest.mark.slow
+def test_full_width_flux_trains_from_the_cli_through_comfyuis_own_loaders(files, tmp_path, caplog):
+    """The Flux run above on files that ComfyUI's loaders take by themselves: the full-width Flux (0.5 B
+    parameters) and CLIP-L alone (from any T5 file ComfyUI builds the full 4.7 B parameter T5). The full-size
+    SDXL is left out: on this CPU its run and LoRA check took minutes and nearly 20 GB of memory."""
+    model_file = flux_full_width_file("dev", tiny_encoders.CLIP_L_WIDTH)
+    encoder_files = [str(tiny_encoders.clip_files("flux")[0])]
+    path = write(tmp_path, family_config(files, "job", "flux", model_file, encoder_files))
+    assert cli.main(["train", str(path), "--cpu"]) == 0
+    assert_trained_run(tmp_path / "out" / "tiny", comfy.sd.load_diffusion_model(str(model_file)), caplog)
 
 
 @pytest.mark.parametrize("flag, claimed", [("is_flux", "flux"), ("is_xl", "sdxl")])

@@ -9,6 +9,7 @@ Fast set (seconds on a CPU):
 Slow set, through ComfyUI's real file loaders:
 - `build_flux_full_width(variant)`: hidden 3072, one double and one single block, via `load_diffusion_model`.
 - `build_sdxl_full(prediction)`: the full SDXL UNet (2.6 B parameters), via the checkpoint loader.
+`flux_full_width_file(variant, context_dim)`: the full-width Flux's file, for tests that hand it to a loader.
 
 Every factory builds once per session and then hands out clones of its cached `ModelPatcher` (same `.model`).
 Model files are written in the dtype of the real releases (fp16 SDXL, bf16 Flux) into a temp dir removed at exit.
@@ -294,17 +295,26 @@ def build_flux(variant: str = "dev") -> comfy.model_patcher.ModelPatcher:
     return _cached(f"flux_{variant}", lambda: _build_direct(FLUX_CONFIG_CLASSES[variant](config)))
 
 
+def flux_full_width_file(variant: str = "dev", context_dim: int = FLUX_TEXT.context_dim) -> Path:
+    """The bf16 diffusion-model file of `build_flux_full_width`, written once per session. `context_dim` is the width
+    of the text states it takes: the tiny T5's, or CLIP-L's 768 for a Flux fed by ComfyUI's text-encoder loader
+    with a CLIP-L file alone (from a T5 file the loader builds the full 4.7 B parameter T5, whatever the file holds).
+    """
+    unet = _flux_unet(variant, hidden_size=3072, num_heads=24, axes_dim=[16, 56, 56]) | {"context_in_dim": context_dim}
+    config = FLUX_CONFIG_CLASSES[variant](unet)
+    return _model_file(f"flux_{variant}_full_width_{context_dim}",
+                       lambda p: _write_model_file(p, config, torch.bfloat16, ""))
+
+
 def build_flux_full_width(variant: str = "dev") -> comfy.model_patcher.ModelPatcher:
     """Flux at hidden 3072 (24 heads of 128), 1 double + 1 single block, context 64, vec 768 (0.53 B parameters).
 
     A bf16 diffusion-model file through comfy.sd.load_diffusion_model, loaded in the dtype ComfyUI picks (fp32 on
     CPU). Only the latest full-size model stays cached.
     """
-    unet = _flux_unet(variant, hidden_size=3072, num_heads=24, axes_dim=[16, 56, 56])
 
     def load() -> comfy.model_patcher.ModelPatcher:
-        config = FLUX_CONFIG_CLASSES[variant](unet)
-        path = _model_file(f"flux_{variant}_full_width", lambda p: _write_model_file(p, config, torch.bfloat16, ""))
+        path = flux_full_width_file(variant)
         patcher = comfy.sd.load_diffusion_model(str(path))
         _check_loaded(patcher, path, "")
         return patcher
