@@ -63,9 +63,13 @@ export class LossChart {
     const raw = usable.map(([, loss]) => loss);
     const smooth = smoothed(raw);
     const toY = this.logScale ? Math.log10 : (v) => v;
-    const ys = raw.map(toY);
-    let low = Math.min(...ys);
-    let high = Math.max(...ys);
+    // A loop, not Math.min(...): a long run has more points than a call takes arguments.
+    let low = Infinity;
+    let high = -Infinity;
+    for (const value of raw) {
+      low = Math.min(low, toY(value));
+      high = Math.max(high, toY(value));
+    }
     if (high - low < 1e-12) {
       low -= 0.5;
       high += 0.5;
@@ -96,16 +100,20 @@ export class LossChart {
     context.textAlign = "right";
     context.fillText(`step ${steps[steps.length - 1]}`, width - MARGIN.right, height - MARGIN.bottom + 6);
 
+    // More points than pixel columns: one vertex per column is all a line can show.
+    const stride = Math.max(1, Math.floor(steps.length / Math.max(1, plotWidth)));
     const line = (values, color, lineWidth) => {
       context.strokeStyle = color;
       context.lineWidth = lineWidth;
       context.beginPath();
-      values.forEach((value, i) => {
+      for (let i = 0; i < values.length; i += stride) {
         const px = x(steps[i]);
-        const py = y(value);
+        const py = y(values[i]);
         if (i === 0) context.moveTo(px, py);
         else context.lineTo(px, py);
-      });
+      }
+      const end = values.length - 1;
+      context.lineTo(x(steps[end]), y(values[end]));
       context.stroke();
     };
     line(raw, COLORS.raw, 1);
