@@ -78,7 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="write all results here (rewritten after every configuration)")
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU at 64², to check the script")
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
-                        help="ours: TrainConfig.compile_blocks (the engine's default is off; auto compiles SD3 and "
+                        help="ours: TrainConfig.compile_blocks (the engine's default, auto, compiles SD3 and "
                              "Flux blocks on a GPU)")
     parser.add_argument("--profile", type=Path, help="profile two steps of ours after the warm-up; tables go here")
     args = parser.parse_args(argv)

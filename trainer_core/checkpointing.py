@@ -1,6 +1,7 @@
 """Per-block gradient checkpointing and other run-scoped changes to ComfyUI's modules."""
 
 import contextlib
+import sys
 
 import torch
 import torch.utils.checkpoint
@@ -18,24 +19,52 @@ def wrapped_blocks(blocks: list[nn.Module], checkpoint: bool, copy_inputs: bool,
 
     `copy_inputs` is for blocks that add into their input tensors in place: the checkpoint
     keeps the inputs to replay the block, so the block must work on copies of them.
+
+    Compiled code stays cached after the run, and a later run on the same model and shapes reuses
+    it: it reaches the LoRA layers through the blocks' hooks and guards on their shapes and
+    values, not on which layer objects they are.
     """
-    if compile:
-        # Compiled code guards on the identity of the LoRA layers its hooks call; a layer of an
-        # earlier run can share a dead layer's id, so earlier runs' compiled code must go.
-        torch._dynamo.reset()
-    for block in blocks:
-        forward = block.forward
+    with contextlib.ExitStack() as stack:
         if compile:
-            forward = torch.compile(forward, dynamic=False)
-        if checkpoint:
-            forward = _checkpointed(forward, copy_inputs)
-        block.forward = forward
-    try:
-        yield
-    finally:
+            stack.enter_context(_every_call_compiled())
         for block in blocks:
-            # Drops the instance attribute; the class's forward is back.
-            del block.forward
+            forward = block.forward
+            if compile:
+                forward = torch.compile(forward, dynamic=False)
+            if checkpoint:
+                forward = _checkpointed(forward, copy_inputs)
+            block.forward = forward
+        try:
+            yield
+        finally:
+            for block in blocks:
+                # Drops the instance attribute; the class's forward is back.
+                del block.forward
+
+
+@contextlib.contextmanager
+def _every_call_compiled():
+    """Lifts dynamo's recompile limits for the run; they come back when it ends.
+
+    Dynamo compiles another variant of a function for each call that fails the guards of those
+    it has: another input shape, another block (ComfyUI's blocks specialise on their own index,
+    SDXL's on `block` and `transformer_index`), or on the CPU another free-memory reading
+    (ComfyUI's attention reads it at every call; compiled code takes it as a constant). Variants
+    are kept per code object, shared by all blocks of a class, and past the limit (8) dynamo runs
+    the call eager. A checkpointed block whose forward ran compiled and whose recompute eager (or
+    the other way round) saves other tensors in each, and backward fails: "Recomputed values for
+    the following tensors have different metadata".
+    """
+    config = torch._dynamo.config
+    with config.patch(recompile_limit=sys.maxsize, accumulated_recompile_limit=sys.maxsize):
+        yield
+
+
+def _frozen_options(value):
+    """A dict argument as it is now: ComfyUI's backbones keep writing into the one options dict
+    they pass every block (`transformer_index`, `block`, `block_type`), so by backward it holds
+    the last block's values. One level is enough: nested entries (patches) are not rewritten."""
+    return dict(value) if isinstance(value, dict) else value
 
 
 def _checkpointed(forward, copy_inputs: bool):
@@ -48,6 +77,11 @@ def _checkpointed(forward, copy_inputs: bool):
     def checkpointed_forward(*args, **kwargs):
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
+        # The recompute in backward must replay the block with the arguments the forward had:
+        # compiled code guards on their values, and a recompute that misses the forward's
+        # compiled variant saves other tensors than the forward did.
+        args = tuple(_frozen_options(a) for a in args)
+        kwargs = {k: _frozen_options(v) for k, v in kwargs.items()}
         return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
 
     return checkpointed_forward

@@ -78,9 +78,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     precision: str = "bf16"
     gradient_checkpointing: bool = True
-    # torch.compile each block (experimental, see bench/NOTES.md): "auto" compiles on CUDA for
-    # families that compile cleanly.
-    compile_blocks: str = "off"
+    # torch.compile each block (see bench/NOTES.md §3): "auto" compiles on CUDA with Triton installed,
+    # for the families where it pays (SD3, Flux); CPU runs stay eager. "on" compiles any family.
+    compile_blocks: str = "auto"
     seed: int = 0
     loss: str = "mse"
     huber_delta: float = 0.1

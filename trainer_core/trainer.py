@@ -6,6 +6,7 @@ model's modules, and removes every one of them when it ends, also on error.
 """
 
 import contextlib
+import importlib.util
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -206,9 +207,14 @@ class Trainer:
     @property
     def compiles_blocks(self) -> bool:
         """Whether the run compiles its blocks: on a GPU, compiled blocks launch far fewer kernels
-        (eager steps are bound by Python and launch overhead; see bench/NOTES.md)."""
+        (eager steps are bound by Python and launch overhead; see bench/NOTES.md). "auto" needs
+        Triton, in which torch.compile writes its GPU kernels (ComfyUI hosts on Windows often lack
+        it), and leaves the CPU eager: ComfyUI's CPU attention reads the free memory at every call,
+        which compiled code takes as a constant, so nearly every call would compile anew; and
+        families where compiling was not measured to pay (`Family.compile_pays`) stay eager."""
         if self.config.compile_blocks == "auto":
-            return self.device.type == "cuda" and self.family.compiles_cleanly
+            return (self.device.type == "cuda" and self.family.compile_pays
+                    and importlib.util.find_spec("triton") is not None)
         return self.config.compile_blocks == "on"
 
     def _prepare_samples(self) -> None:

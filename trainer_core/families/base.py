@@ -29,8 +29,8 @@ class Family:
     checkpoint_block_types: tuple[str, ...]
     # True where blocks add into their input tensors in place (checkpointing must copy inputs).
     blocks_mutate_inputs: bool = False
-    # Whether torch.compile of checkpointed blocks is known to work (TrainConfig.compile_blocks "auto").
-    compiles_cleanly: bool = True
+    # Whether compile_blocks="auto" compiles this family's blocks on a GPU (it pays where measured).
+    compile_pays: bool = True
 
     def __init__(self, model, config: TrainConfig):
         self.model = model

@@ -17,9 +17,9 @@ class SDXL(Family):
         (r"(input_blocks|middle_block|output_blocks)\..*", "conv"),
     )
     checkpoint_block_types = ("ResBlock", "BasicTransformerBlock")
-    # Its blocks run at several shapes; a checkpoint's recompute then picked another compiled
-    # variant than the forward did (torch 2.11, "Recomputed values ... different metadata").
-    compiles_cleanly = False
+    # Compiling its ~100 block variants takes minutes, and the compiled steps were no faster on an
+    # H100 (0.91 s against 0.79 s eager; bench/NOTES.md §3): "auto" leaves it eager, "on" compiles.
+    compile_pays = False
 
     @classmethod
     def matches(cls, model) -> bool:
