@@ -222,8 +222,13 @@ class _NoProfiler(contextlib.nullcontext):
 
 def write_profile(profiler, path: Path, result: dict) -> None:
     """Top kernels by device time, and device-busy time per step against the step's wall time."""
+    import torch
+
     events = profiler.key_averages()
-    busy = sum(e.self_device_time_total for e in events) / 2 / 1e6
+    # Kernels only, as the profiler's own "Self CUDA time total" counts them: the operator rows (and
+    # the ProfilerStep rows) repeat their kernels' time.
+    busy = sum(e.self_device_time_total for e in events
+               if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation) / 2 / 1e6
     result["device_busy_s_per_step"] = busy
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(events.table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=70)
