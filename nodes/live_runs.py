@@ -48,6 +48,8 @@ class RunRecord:
         self.saves: list[dict] = []
         self.error: str | None = None
         self.save_requested = False
+        # Between "started" and the first step of a run whose blocks compile (minutes).
+        self.compiling = False
         # Events arrive on the node's thread, status requests on the server's.
         self._lock = threading.Lock()
 
@@ -59,7 +61,11 @@ class RunRecord:
         return data | {"run_id": self.run_id, "node": self.node}
 
     def _take(self, kind: str, data: dict) -> None:
-        if kind == "step":
+        if kind == "started":
+            self.step = data["step"]
+            self.compiling = data["compiling"]
+        elif kind == "step":
+            self.compiling = False
             self.step = data["step"]
             for key in self.history:
                 self.history[key].append(data[key])
@@ -88,7 +94,7 @@ class RunRecord:
                 "step": self.step, "total_steps": self.total_steps, "started_at": self.started_at,
                 "history": {key: list(values) for key, values in self.history.items()}, **self.rates,
                 "samples": list(self.samples), "saves": list(self.saves), "error": self.error,
-                "save_requested": self.save_requested,
+                "save_requested": self.save_requested, "compiling": self.compiling,
             }
 
     def request_save(self) -> None:

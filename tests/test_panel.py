@@ -54,19 +54,21 @@ def test_a_run_record_keeps_what_a_reloaded_page_needs(live_runs, tmp_path: Path
     run = live_runs.RunRecord("7", "my_lora", 10, job=None, output_dir=output, checkpoint_hook=None)
     sample_file = output / "my_lora" / "samples" / "step000002_00.png"
 
-    sent = [run.record(step_event(1, 0.5)), run.record(step_event(2, 0.25))]
+    sent = [run.record(event("started", step=0, total_steps=10, compiling=True))]
+    assert run.snapshot()["compiling"] and run.snapshot()["status"] == "running"
+    sent += [run.record(step_event(1, 0.5)), run.record(step_event(2, 0.25))]
     sent.append(run.record(event("sample", step=2, images=torch.zeros(1, 8, 8, 3), files=[str(sample_file)],
                                  prompts=["a cat"])))
     sent.append(run.record(event("saved", kind="checkpoint", path=str(output / "x"), lora="y", step=2)))
     sent.append(run.record(event("done", cancelled=True, step=2)))
 
     assert all(data["run_id"] == run.run_id and data["node"] == "7" for data in sent)
-    assert "images" in sent[2] and not isinstance(sent[2]["images"][0], torch.Tensor)
+    assert "images" in sent[3] and not isinstance(sent[3]["images"][0], torch.Tensor)
     snapshot = run.snapshot()
     json.dumps(snapshot)  # what the status route sends
     assert snapshot["history"] == {"step": [1, 2], "loss": [0.5, 0.25], "lr": [1e-4, 1e-4]}
     assert (snapshot["step"], snapshot["total_steps"], snapshot["status"]) == (2, 10, "stopped")
-    assert (snapshot["images_per_second"], snapshot["eta_seconds"]) == (2.0, 3.0)
+    assert (snapshot["images_per_second"], snapshot["eta_seconds"], snapshot["compiling"]) == (2.0, 3.0, False)
     assert snapshot["samples"] == [{"step": 2, "prompt": "a cat", "image": {
         "filename": "step000002_00.png", "subfolder": "my_lora/samples", "type": "output"}}]
     assert snapshot["saves"] == [{"kind": "checkpoint", "step": 2}]

@@ -147,7 +147,9 @@ class TerminalProgress:
 
     def show(self, event: Event) -> None:
         data = event.data
-        if event.kind == "step":
+        if event.kind == "started" and data["compiling"]:
+            log.info("compiling the model's blocks: the first step takes a minute or two")
+        elif event.kind == "step":
             eta = data["eta_seconds"]
             eta_text = str(timedelta(seconds=round(eta))) if eta is not None else "?"
             self.stream.write(

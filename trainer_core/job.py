@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Event:
-    """kind: "step", "sample", "saved", "error", "done" (data: {"cancelled": bool})."""
+    """kind: "started" (data: step to start from, total_steps, whether the first step compiles),
+    "step", "sample", "saved", "error", "done" (data: {"cancelled": bool})."""
 
     kind: str
     data: dict = field(default_factory=dict)
@@ -112,6 +113,10 @@ class TrainingJob:
 
     def _main(self) -> None:
         self._started_at = time.perf_counter()
+        trainer = self.trainer
+        # Before the first step, which can take minutes where blocks compile: say the run is on.
+        self._events.put(Event("started", {"step": trainer.state.step, "total_steps": trainer.config.steps,
+                                           "compiling": trainer.compiles_blocks}))
         try:
             try:
                 self.trainer.run(self._between_steps)

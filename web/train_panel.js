@@ -8,7 +8,8 @@ import { LossChart, smoothed } from "./loss_chart.js";
 
 const NODE_TYPE = "LoraTrainer_TrainLoRA";
 const WIDGET_NAME = "lora_trainer_panel";
-const EVENT_KINDS = ["step", "sample", "saved", "done", "error"];
+const EVENT_KINDS = ["started", "step", "sample", "saved", "done", "error"];
+const COMPILING = "compiling the model's blocks: the first step takes a minute or two";
 const STRIP_LENGTH = 8;
 const PANEL_HEIGHT = 360;
 const STATUS_TEXT = { running: "training", finished: "finished", stopped: "stopped, checkpoint saved", failed: "failed" };
@@ -129,7 +130,7 @@ class TrainPanel {
     this.history = run.history;
     this.rates = run;
     this.samples = run.samples.filter((s) => s.image);
-    this.message.textContent = run.error ?? "";
+    this.message.textContent = run.error ?? (run.compiling ? COMPILING : "");
     this.render();
   }
 
@@ -141,16 +142,19 @@ class TrainPanel {
       return;
     }
     if (data.run_id !== this.runId) {
-      // A run this page has not followed from its first step: take what came before from the server.
-      if (kind !== "step" || data.step !== 1) {
+      // A run this page has not followed from its start: take what came before from the server.
+      if (kind !== "started") {
         this.refresh();
         return;
       }
       this.reset(data.run_id);
-      this.status = "running";
-      this.message.textContent = "";
     }
-    if (kind === "step") {
+    if (kind === "started") {
+      this.status = "running";
+      this.total = data.total_steps;
+      this.message.textContent = data.compiling ? COMPILING : "";
+    } else if (kind === "step") {
+      if (this.message.textContent === COMPILING) this.message.textContent = "";
       this.status = "running";
       this.total = data.total_steps;
       for (const key of Object.keys(this.history)) this.history[key].push(data[key]);
