@@ -17,8 +17,9 @@ class SDXL(Family):
         (r"(input_blocks|middle_block|output_blocks)\..*", "conv"),
     )
     checkpoint_block_types = ("ResBlock", "BasicTransformerBlock")
-    # Compiling its ~100 block variants takes minutes, and the compiled steps were no faster on an
-    # H100 (0.91 s against 0.79 s eager; bench/NOTES.md §3): "auto" leaves it eager, "on" compiles.
+    # Compiling its ~100 block variants takes 4-5 minutes on an H100 for 1.4x faster steps (0.79 s
+    # against 1.09 s eager; bench/NOTES.md §3): a loss for runs of under ~900 steps, so "auto" leaves
+    # it eager and "on" compiles it.
     compile_pays = False
 
     @classmethod
