@@ -189,9 +189,12 @@ def test_the_panel_follows_a_flux_run_reloads_stops_and_resumes(comfy_server: Co
         queue(page, settings)
 
         running = wait_for_panel(page, f"d.runId !== '{earlier}' && Number(d.points) >= 4 && Number(d.samples) >= 1")
+        # The newest sample leads the strip, loaded from the file the run saved (64 px previews).
+        page.wait_for_function(f"""() => {{
+            const img = document.querySelector("{PANEL} .lora-strip img");
+            return img && img.complete && img.naturalWidth === 64;
+        }}""", timeout=TIMEOUT_MS)
         strip_image = page.locator(f"{PANEL} .lora-strip img").first
-        page.wait_for_function("(img) => img.complete && img.naturalWidth > 0", arg=strip_image.element_handle())
-        assert strip_image.evaluate("(img) => img.naturalWidth") == 64, "the strip shows the sample the run saved"
         save_screenshot(page, shots / "1-running.png")
         strip_image.click()
         lightbox = page.locator(".lora-lightbox")

@@ -229,6 +229,10 @@ class TrainPanel {
   }
 
   renderStrip() {
+    // Rebuilt only when the samples change, not at every step: the images stay put (no reload, no flicker).
+    const shown = `${this.runId}:${this.samples.length}`;
+    if (shown === this.stripShows) return;
+    this.stripShows = shown;
     const newest = this.samples.slice(-STRIP_LENGTH).reverse();
     this.strip.replaceChildren(...newest.map((sample) => {
       const figure = element("figure", { title: `step ${sample.step}: ${sample.prompt}` }, [
