@@ -97,6 +97,12 @@ class RunRecord:
                 "save_requested": self.save_requested, "compiling": self.compiling,
             }
 
+    @property
+    def lora_name(self) -> str:
+        """The finished LoRA's name as the LoRA Loader lists it; empty until it is saved."""
+        with self._lock:
+            return next((save["name"] for save in reversed(self.saves) if save["kind"] == "lora"), "")
+
     def request_save(self) -> None:
         """A checkpoint at the next step boundary, as the periodic ones are."""
         self.save_requested = True

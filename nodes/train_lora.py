@@ -125,9 +125,9 @@ class TrainLoraNode(io.ComfyNode):
         job = TrainingJob(trainer, hooks)
         run = RUNS.add(RunRecord(str(cls.hidden.unique_id), save.name, steps, job,
                                  folder_paths.get_output_directory(), checkpoints))
-        history, lora_name = cls._watch(job, run)
+        cls._watch(job, run)
         network = trainer.network
-        return io.NodeOutput(export.apply_lora_to_clone(model, network), lora_name, history)
+        return io.NodeOutput(export.apply_lora_to_clone(model, network), run.lora_name, run.snapshot()["history"])
 
     @classmethod
     def _watch(cls, job: TrainingJob, run: RunRecord):
@@ -136,9 +136,6 @@ class TrainLoraNode(io.ComfyNode):
         as ComfyUI expects."""
         total = run.total_steps
         progress = comfy.utils.ProgressBar(total)
-        history = {"step": [], "loss": [], "lr": []}
-        lora_name = ""
-        cancelled = False
 
         def show(step: int, preview=None) -> None:
             try:
@@ -153,20 +150,13 @@ class TrainLoraNode(io.ComfyNode):
                 if comfy.model_management.processing_interrupted():
                     job.cancel()
                 if event.kind == "step":
-                    for key in history:
-                        history[key].append(event.data[key])
                     show(event.data["step"])
                 elif event.kind == "sample":
                     image = Image.fromarray((event.data["images"][-1].cpu().numpy() * 255).round().astype("uint8"))
                     show(event.data["step"], ("JPEG", image, PREVIEW_SIDE))
-                elif event.kind == "saved" and event.data["kind"] == "lora":
-                    lora_name = event.data["name"]
-                elif event.kind == "done":
-                    # Also true where ComfyUI's own check inside the model took the Cancel first.
-                    cancelled = event.data["cancelled"]
                 send_event(event.kind, run.record(event))
         job.result()
         comfy.model_management.throw_exception_if_processing_interrupted()
-        if cancelled:
+        # "stopped" also where ComfyUI's own check inside the model took the Cancel first.
+        if run.status == "stopped":
             raise comfy.model_management.InterruptProcessingException()
-        return history, lora_name

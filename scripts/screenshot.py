@@ -25,7 +25,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from browser import CHROMIUM, SETTINGS, chromium_page, fit_view, save_screenshot, set_widgets  # noqa: E402
+from browser import (  # noqa: E402
+    CHROMIUM,
+    SETTINGS,
+    chromium_page,
+    fit_view,
+    panel_data,
+    save_screenshot,
+    set_widgets,
+)
 from demo import DATASET, EXAMPLE, HOST, REPO_ROOT, demo_graph, running_comfy_server  # noqa: E402
 from graph_data import write_dataset, write_sd3_loader_files  # noqa: E402
 from workflows import nodes_of, set_inputs  # noqa: E402
@@ -87,9 +95,8 @@ def take_panel_screenshot(server, out: Path, width: int, height: int) -> dict:
         prompt_id = server.post_prompt(graph)
         page.wait_for_function(PANEL_FILLED, timeout=0)
         time.sleep(SETTLE_S)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(out), clip=page.evaluate(NODE_RECT, TRAIN_NODE))
-        shown = page.evaluate("() => ({...document.querySelector('.lora-panel').dataset})")
+        save_screenshot(page, out, clip=page.evaluate(NODE_RECT, TRAIN_NODE))
+        shown = panel_data(page)
     server.post_json("/interrupt", {})
     server.history_entry(prompt_id)
     return shown

@@ -105,10 +105,16 @@ def set_widgets(page, settings: dict[str, dict]) -> None:
     page.evaluate(SET_WIDGETS, settings)
 
 
-def save_screenshot(page, out: Path) -> None:
-    """JPEG for a .jpg name, else PNG."""
+def panel_data(page) -> dict:
+    """The data attributes of the first Train LoRA panel on the page (run id, status, points, last loss,
+    samples)."""
+    return page.evaluate("() => ({...document.querySelector('.lora-panel').dataset})")
+
+
+def save_screenshot(page, out: Path, clip: dict | None = None) -> None:
+    """JPEG for a .jpg name, else PNG; `clip` ({x, y, width, height}) for part of the page."""
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix.lower() in (".jpg", ".jpeg"):
-        page.screenshot(path=str(out), type="jpeg", quality=85)
+        page.screenshot(path=str(out), type="jpeg", quality=85, clip=clip)
     else:
-        page.screenshot(path=str(out), type="png")
+        page.screenshot(path=str(out), type="png", clip=clip)

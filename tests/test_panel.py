@@ -12,7 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from browser import CHROMIUM, SETTINGS, chromium_page, fit_view, save_screenshot, set_widgets, wait_for_graph
+from browser import (
+    CHROMIUM,
+    SETTINGS,
+    chromium_page,
+    fit_view,
+    panel_data,
+    save_screenshot,
+    set_widgets,
+    wait_for_graph,
+)
 from graph_data import write_dataset
 from live_server import ComfyServer, ComfyServerError
 from test_server import PACK_MODULE, import_pack
@@ -141,10 +150,6 @@ def test_the_routes_refuse_bad_input_with_a_message(comfy_server: ComfyServer) -
 
 
 # -- the panel in the browser ------------------------------------------------------------------------
-
-
-def panel_data(page) -> dict:
-    return page.evaluate(f"() => ({{...document.querySelector('{PANEL}').dataset}})")
 
 
 def wait_for_panel(page, condition: str) -> dict:

@@ -51,11 +51,10 @@ def _every_call_compiled():
     Dynamo compiles another variant of a function for each call that fails the guards of those
     it has: another input shape, another block (ComfyUI's blocks specialise on their own index,
     SDXL's on `block` and `transformer_index`), or on the CPU another free-memory reading
-    (ComfyUI's attention reads it at every call; compiled code takes it as a constant). Variants
-    are kept per code object, shared by all blocks of a class, and past the limit (8) dynamo runs
-    the call eager. A checkpointed block whose forward ran compiled and whose recompute eager (or
-    the other way round) saves other tensors in each, and backward fails: "Recomputed values for
-    the following tensors have different metadata".
+    (ComfyUI's attention reads it at every call; compiled code takes it as a constant). Past the
+    limit of variants per code object (8) dynamo runs the call eager. A checkpointed block whose
+    forward ran compiled and whose recompute eager (or the other way round) saves other tensors in
+    each, and backward fails: "Recomputed values for the following tensors have different metadata".
     """
     config = torch._dynamo.config
     with config.patch(recompile_limit=sys.maxsize, accumulated_recompile_limit=sys.maxsize):
