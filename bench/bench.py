@@ -3,9 +3,11 @@ this pack's engine (`trainer_core.trainer.Trainer`) against ComfyUI's own `Train
 
 What it does, in order (DESIGN.md §7):
 - the card's bf16 matmul rate: 8192³ products on random data, device syncs around ten of them, median of seven;
-- whether cuDNN's attention backward fails on Flux's shape (DESIGN.md §7 saw it fail on this card's image),
-  in a child process so that a CUDA fault cannot end this one; all training below runs under
-  `sdpa_kernel([FLASH_ATTENTION, EFFICIENT_ATTENTION])` unless `--sdpa default`;
+- whether cuDNN's attention backward fails on Flux's and SD3's shapes (DESIGN.md §7 saw it fail on this card's
+  image), in a child process so that a CUDA fault cannot end this one (`trainer_core.attention`, the engine's own
+  check); ComfyUI's trainer runs under `sdpa_kernel([FLASH_ATTENTION, EFFICIENT_ATTENTION])` (PyTorch's default
+  order on Linux starts with those two) unless `--sdpa default`, ours with the kernel order of
+  `TrainConfig.attention` (`--attention`, default auto: cuDNN first on Hopper);
 - a preflight: our Trainer for two steps on tiny models in the state ComfyUI's loaders leave a model (built
   in inference mode on the CPU, moved to the GPU by the trainer), a path the full-size runs skip;
 - per configuration (model × variant), a fresh model of the real architecture built with ComfyUI's classes
@@ -33,7 +35,6 @@ import gc
 import json
 import math
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -69,7 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--resolution", type=int, default=None, help="image side in pixels (default 1024; smoke 64)")
     parser.add_argument("--skip-baseline", action="store_true", help="do not run ComfyUI's TrainLoraNode")
     parser.add_argument("--sdpa", choices=("flash-efficient", "default"), default="flash-efficient",
-                        help="attention backends allowed while training (default: flash and memory-efficient only)")
+                        help="theirs: attention kernels allowed while training (default: flash and memory-efficient)")
     parser.add_argument("--time-limit", type=float, default=480.0,
                         help="seconds after which no new run starts (a device command gets 600 in all)")
     parser.add_argument("--freeze-base", action="store_true",
@@ -77,6 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "(ComfyUI's loaders leave it True; TrainLoraNode freezes them itself)")
     parser.add_argument("--json", type=Path, help="write all results here (rewritten after every configuration)")
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU at 64², to check the script")
+    parser.add_argument("--attention", choices=("auto", "flash", "cudnn"), default="auto",
+                        help="ours: TrainConfig.attention, the SDPA kernel tried first (auto: cuDNN on Hopper)")
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                         help="ours: TrainConfig.compile_blocks (the engine's default, auto, compiles SD3 and "
                              "Flux blocks on a GPU)")
@@ -175,7 +178,7 @@ def run_ours(arch, variant, args, device, result: dict) -> None:
     patcher = build(arch, variant.weight_dtype, device, check_detection=not args.smoke)
     config = TrainConfig(
         steps=args.steps, learning_rate=LEARNING_RATE, batch_size=variant.batch_size, optimizer=variant.optimizer,
-        precision="bf16", gradient_checkpointing=True, compile_blocks=args.compile,
+        precision="bf16", gradient_checkpointing=True, compile_blocks=args.compile, attention=args.attention,
     )
     family = family_for(patcher.model, config)
     latents, texts = random_dataset(arch, max(DATASET_SIZE, variant.batch_size), args.resolution)
@@ -345,30 +348,6 @@ def attempt(run, arch, variant, args, device) -> dict:
     return result
 
 
-CUDNN_PROBE = """
-import torch, torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
-# Flux dev at 1024²: 4096 image + 512 text tokens, 24 heads of 128.
-q, k, v = (torch.randn(1, 24, 4608, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-    F.scaled_dot_product_attention(q, k, v).float().square().mean().backward()
-torch.cuda.synchronize()
-print("ok")
-"""
-
-
-def probe_cudnn_attention() -> str:
-    """Whether cuDNN's SDPA backward runs on Flux's shape, in a child: a CUDA fault there would poison us."""
-    try:
-        child = subprocess.run([sys.executable, "-c", CUDNN_PROBE], capture_output=True, text=True, timeout=120)
-    except subprocess.TimeoutExpired:
-        return "timed out"
-    if child.returncode == 0 and child.stdout.strip().endswith("ok"):
-        return "ok (backward ran)"
-    lines = (child.stderr or child.stdout).strip().splitlines()
-    return f"FAILED (exit {child.returncode}): {lines[-1] if lines else ''}"[:300]
-
-
 def fmt(value, spec: str, missing: str = "-") -> str:
     return missing if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
@@ -416,6 +395,8 @@ def main(argv=None) -> int:
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from trainer_core.attention import cudnn_attention_fault, kernel_order
+
     device = comfy.model_management.get_torch_device()
     if not args.smoke and device.type != "cuda":
         sys.exit(f"no GPU (ComfyUI picked {device}); use --smoke to run on the CPU")
@@ -438,7 +419,8 @@ def main(argv=None) -> int:
     }
     print(f"{header['device']}, torch {header['torch']} (CUDA {header['cuda']}), ComfyUI {version}; "
           f"bf16 matmul {rate / 1e12:.0f} TFLOP/s; {args.resolution}², {args.steps} steps, "
-          f"median of the last {args.steps - args.warmup}; sdpa {args.sdpa}", flush=True)
+          f"median of the last {args.steps - args.warmup}; sdpa: theirs {args.sdpa}, ours "
+          f"{', '.join(k.name for k in kernel_order(args.attention, device))}", flush=True)
 
     def guard():
         if args.sdpa == "default":
@@ -446,8 +428,9 @@ def main(argv=None) -> int:
         return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])
 
     if device.type == "cuda":
-        header["cudnn_sdpa_backward_flux_shape"] = probe_cudnn_attention()
-        print(f"cuDNN attention backward on Flux's shape: {header['cudnn_sdpa_backward_flux_shape']}", flush=True)
+        header["cudnn_sdpa_backward_flux_shape"] = cudnn_attention_fault(device) or "ok (backward ran)"
+        print(f"cuDNN attention backward on Flux's and SD3's shapes: {header['cudnn_sdpa_backward_flux_shape']}",
+              flush=True)
     with guard():
         header["preflight_loader_state"] = preflight(device)
     print("preflight, our Trainer on tiny models as ComfyUI's loaders leave them: "

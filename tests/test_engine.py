@@ -4,13 +4,18 @@ import copy
 import itertools
 import math
 
+import comfy.ldm.flux.math
+import comfy.ldm.modules.attention
 import comfy.model_management
+import comfy.ops
 import pytest
 import torch
 import torch.nn.functional as F
 from tiny_models import MODEL_FACTORIES, random_inputs
+from torch.nn.attention import SDPBackend
 
-from trainer_core.config import LoraConfig, TrainConfig
+from trainer_core.attention import cudnn_attention_fault
+from trainer_core.config import ConfigError, LoraConfig, TrainConfig
 from trainer_core.families import family_for
 from trainer_core.lora import LoraNetwork
 from trainer_core.trainer import Sample, Trainer, lr_factor
@@ -330,6 +335,42 @@ def test_compiled_checkpointed_blocks_train_like_eager_ones(name):
     assert torch._dynamo.config.recompile_limit == recompile_limit, "the run left dynamo's limit changed"
     auto = Trainer(patcher, fixed_samples(patcher, 1), LoraConfig(rank=4), train_config(compile_blocks="auto"))
     assert not auto.compiles_blocks, "auto compiles only on a GPU"
+
+
+def test_attention_runs_with_the_kernel_order_the_config_asks_for(monkeypatch):
+    """cuDNN's fused attention goes first only where asked or where "auto" finds a Hopper card with
+    cuDNN >= 9.19 (bench/NOTES.md §4); flash, memory-efficient and math always follow, for inputs a
+    kernel refuses. Flux runs ComfyUI's SDPA attention here (on the CPU ComfyUI would pick another),
+    and every SDPA call of the run sees the order; every choice trains to the same losses."""
+    monkeypatch.setattr(comfy.ldm.flux.math, "optimized_attention", comfy.ldm.modules.attention.attention_pytorch)
+    seen = []
+
+    def recording_sdpa(*args, sdpa=comfy.ops.scaled_dot_product_attention, **kwargs):
+        seen.append([SDPBackend(i) for i in torch._C._get_sdp_priority_order()])
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(comfy.ops, "scaled_dot_product_attention", recording_sdpa)
+    patcher = MODEL_FACTORIES["flux_dev"]()
+    fallbacks = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    expected = {"auto": fallbacks, "flash": fallbacks, "cudnn": [SDPBackend.CUDNN_ATTENTION, *fallbacks]}
+    losses = {}
+    for choice, kernels in expected.items():
+        seen.clear()
+        trainer = Trainer(patcher, fixed_samples(patcher, 2), LoraConfig(rank=4),
+                          train_config(steps=2, attention=choice))
+        assert trainer.attention_kernels == kernels
+        losses[choice] = run_collecting_losses(trainer)
+        assert seen and all(order[:len(kernels)] == kernels for order in seen)
+    assert losses["cudnn"] == losses["flash"] == losses["auto"]
+    with pytest.raises(ConfigError, match=r"^train\.attention: 'xformers' is not one of 'auto', 'flash', 'cudnn'"):
+        train_config(attention="xformers")
+
+
+def test_the_cudnn_attention_check_reports_a_failing_kernel_instead_of_failing_itself():
+    """The check "auto" runs before it takes cuDNN's attention runs the kernel in a child process and
+    reports its failure. On the CPU no SDPA kernel takes the cuDNN-only order, so the child fails."""
+    fault = cudnn_attention_fault(torch.device("cpu"))
+    assert fault is not None and fault.startswith("exit 1: RuntimeError") and "kernel" in fault
 
 
 def free_memory_readings_of_a_busy_cpu():

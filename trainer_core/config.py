@@ -16,6 +16,7 @@ PRECISIONS = ("bf16", "fp16", "fp32")
 TIMESTEP_SAMPLING = ("logit_normal", "uniform", "sigmoid")
 LOSSES = ("mse", "huber")
 COMPILE_MODES = ("auto", "on", "off")
+ATTENTION_KERNELS = ("auto", "flash", "cudnn")
 SAVE_DTYPES = ("bf16", "fp16", "fp32")
 
 
@@ -81,6 +82,9 @@ class TrainConfig:
     # torch.compile each block (see bench/NOTES.md §3): "auto" compiles on CUDA with Triton installed,
     # for the families where it pays (SD3, Flux); CPU runs stay eager. "on" compiles any family.
     compile_blocks: str = "auto"
+    # Which fused attention kernel PyTorch's SDPA tries first (see bench/NOTES.md §4): "auto" takes
+    # cuDNN's on Hopper and newer with cuDNN >= 9.19 (measured faster and equal there), else flash.
+    attention: str = "auto"
     seed: int = 0
     loss: str = "mse"
     huber_delta: float = 0.1
@@ -110,6 +114,7 @@ class TrainConfig:
         _one_of(owner, "timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLING)
         _one_of(owner, "loss", self.loss, LOSSES)
         _one_of(owner, "compile_blocks", self.compile_blocks, COMPILE_MODES)
+        _one_of(owner, "attention", self.attention, ATTENTION_KERNELS)
         _require(self.logit_std > 0, owner, "logit_std", f"must be > 0, got {self.logit_std!r}")
         _require(self.noise_offset >= 0, owner, "noise_offset", f"must be >= 0, got {self.noise_offset!r}")
         _require(self.min_snr_gamma >= 0, owner, "min_snr_gamma", "must be >= 0 (0 turns the weighting off)")

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .attention import kernel_order
 from .checkpointing import make_autograd_safe, wrapped_blocks
 from .config import ConfigError, LoraConfig, TrainConfig
 from .families import family_for
@@ -188,9 +189,7 @@ class Trainer:
             try:
                 self._prepare_samples()
                 with (
-                    # cuDNN's attention backward failed on Flux shapes (illegal memory access) on
-                    # H100 with torch 2.11; flash, memory-efficient and math kernels are fine.
-                    sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]),
+                    sdpa_kernel(self.attention_kernels, set_priority=True),
                     self.network.attached(diffusion_model),
                     self.family.training_patches(),
                     wrapped_blocks(blocks, cfg.gradient_checkpointing, self.family.blocks_mutate_inputs,
@@ -216,6 +215,11 @@ class Trainer:
             return (self.device.type == "cuda" and self.family.compile_pays
                     and importlib.util.find_spec("triton") is not None)
         return self.config.compile_blocks == "on"
+
+    @property
+    def attention_kernels(self) -> list[SDPBackend]:
+        """SDPA's kernels in the order the run tries them (TrainConfig.attention; see attention.py)."""
+        return kernel_order(self.config.attention, self.device)
 
     def _prepare_samples(self) -> None:
         # Tensors made under inference mode cannot be saved for backward: copy them once. Samples
