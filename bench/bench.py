@@ -80,6 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU at 64², to check the script")
     parser.add_argument("--attention", choices=("auto", "flash", "cudnn"), default="auto",
                         help="ours: TrainConfig.attention, the SDPA kernel tried first (auto: cuDNN on Hopper)")
+    parser.add_argument("--cuda-graphs", choices=("auto", "off"), default="auto",
+                        help="ours: TrainConfig.cuda_graphs (auto: a step's forward and backward replayed as a graph)")
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                         help="ours: TrainConfig.compile_blocks (the engine's default, auto, compiles SD3 and "
                              "Flux blocks on a GPU)")
@@ -179,6 +181,7 @@ def run_ours(arch, variant, args, device, result: dict) -> None:
     config = TrainConfig(
         steps=args.steps, learning_rate=LEARNING_RATE, batch_size=variant.batch_size, optimizer=variant.optimizer,
         precision="bf16", gradient_checkpointing=True, compile_blocks=args.compile, attention=args.attention,
+        cuda_graphs=args.cuda_graphs,
     )
     family = family_for(patcher.model, config)
     latents, texts = random_dataset(arch, max(DATASET_SIZE, variant.batch_size), args.resolution)

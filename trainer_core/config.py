@@ -17,6 +17,7 @@ TIMESTEP_SAMPLING = ("logit_normal", "uniform", "sigmoid")
 LOSSES = ("mse", "huber")
 COMPILE_MODES = ("auto", "on", "off")
 ATTENTION_KERNELS = ("auto", "flash", "cudnn")
+CUDA_GRAPH_MODES = ("auto", "off")
 SAVE_DTYPES = ("bf16", "fp16", "fp32")
 
 
@@ -85,6 +86,9 @@ class TrainConfig:
     # Which fused attention kernel PyTorch's SDPA tries first (see bench/NOTES.md §4): "auto" takes
     # cuDNN's on Hopper and newer with cuDNN >= 9.19 (measured faster and equal there), else flash.
     attention: str = "auto"
+    # Replay each step's forward and backward as a CUDA graph (see graphs.py): "auto" does so on CUDA
+    # where a step has one backward and no fp16 gradient scaler; "off" runs every step eagerly.
+    cuda_graphs: str = "auto"
     seed: int = 0
     loss: str = "mse"
     huber_delta: float = 0.1
@@ -115,6 +119,7 @@ class TrainConfig:
         _one_of(owner, "loss", self.loss, LOSSES)
         _one_of(owner, "compile_blocks", self.compile_blocks, COMPILE_MODES)
         _one_of(owner, "attention", self.attention, ATTENTION_KERNELS)
+        _one_of(owner, "cuda_graphs", self.cuda_graphs, CUDA_GRAPH_MODES)
         _require(self.logit_std > 0, owner, "logit_std", f"must be > 0, got {self.logit_std!r}")
         _require(self.noise_offset >= 0, owner, "noise_offset", f"must be >= 0, got {self.noise_offset!r}")
         _require(self.min_snr_gamma >= 0, owner, "min_snr_gamma", "must be >= 0 (0 turns the weighting off)")

@@ -43,6 +43,9 @@ def _summed(gradient: torch.Tensor) -> torch.Tensor:
 class ShardedTrainer(Trainer):
     """A Trainer that trains on this rank's shard of every global batch (see the module docstring)."""
 
+    # Its backward all-reduces each gradient as it comes (NCCL), which a CUDA graph does not record here.
+    records_graphs = False
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.rank, self.world_size = world()

@@ -21,6 +21,7 @@ from .attention import kernel_order
 from .checkpointing import make_autograd_safe, wrapped_blocks
 from .config import ConfigError, LoraConfig, TrainConfig
 from .families import family_for
+from .graphs import GraphedSteps
 from .lora import LoraNetwork
 
 log = logging.getLogger(__name__)
@@ -133,6 +134,9 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Trainer:
+    # Whether a step's forward and backward can be recorded as a CUDA graph (see uses_cuda_graphs).
+    records_graphs = True
+
     def __init__(
         self,
         patcher,
@@ -163,6 +167,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
         self.state = RunState()
         self._batches: list[list[int]] = []
+        self._conditioning_keys = sorted(self.samples[0].conditioning)
+        self._graphed: GraphedSteps | None = None
 
     @property
     def device(self) -> torch.device:
@@ -196,8 +202,11 @@ class Trainer:
                                    compile_blocks),
                 ):
                     self.network.train()
+                    if self.uses_cuda_graphs:
+                        self._graphed = GraphedSteps(list(self.network.parameters()), self._forward_backward)
                     yield self
             finally:
+                self._graphed = None
                 self.network.eval()
                 for parameter, requires_grad in trainable:
                     parameter.requires_grad_(requires_grad)
@@ -215,6 +224,15 @@ class Trainer:
             return (self.device.type == "cuda" and self.family.compile_pays
                     and importlib.util.find_spec("triton") is not None)
         return self.config.compile_blocks == "on"
+
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        """Whether steps replay as CUDA graphs (graphs.py): on CUDA, unless a step has more than
+        one backward (gradient accumulation), a gradient scaler (fp16) reads values on the host
+        between them, or a subclass says its backward cannot be recorded (`records_graphs`)."""
+        cfg = self.config
+        return (cfg.cuda_graphs == "auto" and self.device.type == "cuda" and cfg.gradient_accumulation == 1
+                and not self.scaler.is_enabled() and self.records_graphs)
 
     @property
     def attention_kernels(self) -> list[SDPBackend]:
@@ -344,9 +362,14 @@ class Trainer:
             for _ in range(cfg.gradient_accumulation):
                 latents, conditioning = self._next_batch()
                 noise, timesteps = self.draw_noise_and_timesteps(latents)
-                loss = self.loss(latents, conditioning, noise, timesteps)
-                self.scaler.scale(loss / cfg.gradient_accumulation).backward()
-                total += loss.detach() / cfg.gradient_accumulation
+                tensors = (latents, noise, timesteps, *(conditioning[k] for k in self._conditioning_keys))
+                if self._graphed is None:
+                    loss = self._forward_backward(*tensors)
+                else:
+                    # A replay runs none of the model's Python, where ComfyUI checks its Cancel.
+                    comfy.model_management.throw_exception_if_processing_interrupted()
+                    loss = self._graphed(*tensors)
+                total += loss / cfg.gradient_accumulation
                 self.state.samples_seen += latents.shape[0]
         except BaseException:
             # A step that does not finish (ComfyUI's Cancel raises inside the model's forward)
@@ -362,6 +385,13 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
         return total
+
+    def _forward_backward(self, latents, noise, timesteps, *conditioning_values) -> torch.Tensor:
+        """One micro-batch's loss and backward; returns the loss, detached."""
+        conditioning = dict(zip(self._conditioning_keys, conditioning_values, strict=True))
+        loss = self.loss(latents, conditioning, noise, timesteps)
+        self.scaler.scale(loss / self.config.gradient_accumulation).backward()
+        return loss.detach()
 
     def current_lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]

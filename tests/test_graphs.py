@@ -1,0 +1,158 @@
+"""Steps replayed as CUDA graphs (trainer_core/graphs.py), on the CPU.
+
+This machine has no GPU, so these tests stand in for CUDA's graph recording, as close to its
+semantics as the CPU allows: recording logs every operator the step dispatches (forward, the
+checkpoints' recomputes, backward) with the tensors it read and wrote; a replay runs the same
+operators again on the same tensors and writes each result into the tensor the recording made,
+and runs none of the step's Python. What a real graph would get wrong, this gets wrong too: a
+value read on the host while recording stays baked in, an input not copied into its buffer
+trains on the first batch forever, gradients not handed back leave the optimizer stale. The
+real graphs run on the GPU in bench/bench.py (bench/NOTES.md §5).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_engine import fixed_samples, run_collecting_losses, train_config
+from tiny_models import MODEL_FACTORIES
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map
+
+import trainer_core.trainer
+from trainer_core.config import ConfigError, LoraConfig
+from trainer_core.graphs import GraphedSteps
+from trainer_core.trainer import Sample, Trainer
+
+HOST_READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default}
+
+
+class RecordedGraph:
+    """Stands in for torch.cuda.CUDAGraph: a list of operators with the tensors they used."""
+
+    def __init__(self):
+        self.operators = []
+
+    def replay(self) -> None:
+        with torch.no_grad():
+            for func, args, kwargs, outputs in self.operators:
+                results, _ = tree_flatten(func(*args, **kwargs))
+                for recorded, result in zip(outputs, results, strict=True):
+                    if recorded is not None:
+                        recorded.copy_(result)
+
+    def pool(self):
+        return object()
+
+
+def _detached(value):
+    return value.detach() if isinstance(value, torch.Tensor) else value
+
+
+class Recording(TorchDispatchMode):
+    """Stands in for torch.cuda.graph(...): logs the operators dispatched inside it."""
+
+    def __init__(self, graph: RecordedGraph, pool=None):
+        super().__init__()
+        self.graph = graph
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in HOST_READS:
+            raise RuntimeError(f"{func} reads a value on the host while a CUDA graph records")
+        out = func(*args, **kwargs)
+        results, _ = tree_flatten(out)
+        aliases = {r.alias_info is not None for r in func._schema.returns}
+        # Outputs that alias an input (views, in-place results) follow it; others get the replay's values.
+        outputs = [r.detach() if isinstance(r, torch.Tensor) and aliases != {True} else None for r in results]
+        # Autograd's bookkeeping is not part of a graph: the replay works on detached aliases (same memory).
+        args, kwargs = tree_map(_detached, (args, kwargs))
+        self.graph.operators.append((func, args, kwargs, outputs))
+        return out
+
+
+@pytest.fixture
+def recorded_graphs(monkeypatch) -> list[GraphedSteps]:
+    """The stand-ins in place, graphs on wherever cuda_graphs is "auto"; lists each run's GraphedSteps."""
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", RecordedGraph)
+    monkeypatch.setattr(torch.cuda, "graph", Recording)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(Trainer, "uses_cuda_graphs", property(lambda self: self.config.cuda_graphs == "auto"))
+    made = []
+
+    class Listed(GraphedSteps):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(trainer_core.trainer, "GraphedSteps", Listed)
+    return made
+
+
+def trained(patcher, samples, mode: str, steps: int):
+    config = train_config(steps=steps, cuda_graphs=mode, gradient_checkpointing=True)
+    trainer = Trainer(patcher, samples, LoraConfig(rank=4), config)
+    losses = run_collecting_losses(trainer)
+    return losses, {k: v.detach().clone() for k, v in trainer.network.state_dict().items()}
+
+
+@pytest.mark.parametrize("name", ["sdxl_eps", "sd3", "flux_dev"])
+def test_replayed_steps_train_exactly_like_eager_ones(recorded_graphs, name):
+    """Step 1 runs eagerly (the warm-up), step 2 records and replays, steps 3-6 only replay: every
+    loss and the trained LoRA equal the eager run's, so each replay saw its own batch, noise and
+    timesteps, and the optimizer its own gradients."""
+    patcher = MODEL_FACTORIES[name]()
+    samples = fixed_samples(patcher, 3)
+    eager_losses, eager_weights = trained(patcher, samples, "off", steps=6)
+    assert not recorded_graphs
+    losses, weights = trained(patcher, samples, "auto", steps=6)
+    assert [g.graph_count for g in recorded_graphs] == [1]
+    assert len(set(eager_losses)) == 6, "every step trains on another batch"
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(eager_losses), rtol=0, atol=0)
+    for key, value in eager_weights.items():
+        torch.testing.assert_close(weights[key], value, rtol=0, atol=0)
+
+
+def test_each_input_shape_gets_its_own_graph(recorded_graphs):
+    """Two aspect-ratio buckets: each shape runs eagerly once, then records its own graph; a third
+    shape past `max_shapes` would stay eager. Losses still equal the eager run's."""
+    patcher = MODEL_FACTORIES["sd3"]()
+    square = fixed_samples(patcher, 2)
+    wide = [Sample(F.interpolate(s.latents[None], size=(8, 16))[0], s.conditioning, key=f"wide{i}")
+            for i, s in enumerate(square)]
+    samples = square + wide
+    eager_losses, _ = trained(patcher, samples, "off", steps=8)
+    losses, _ = trained(patcher, samples, "auto", steps=8)
+    assert [g.graph_count for g in recorded_graphs] == [2]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(eager_losses), rtol=0, atol=0)
+
+
+def test_graphs_stay_off_where_a_step_cannot_be_one_graph():
+    """fp16's gradient scaler reads on the host between backward and step, and accumulation runs
+    several backwards per step: those runs, and the CPU, step eagerly. A wrong mode names the field."""
+    patcher = MODEL_FACTORIES["sd3"]()
+    samples = fixed_samples(patcher, 2)
+    for overrides in ({}, {"gradient_accumulation": 2}, {"precision": "fp16"}):
+        assert not Trainer(patcher, samples, LoraConfig(rank=4), train_config(**overrides)).uses_cuda_graphs
+    with pytest.raises(ConfigError, match=r"^train\.cuda_graphs: 'on' is not one of 'auto', 'off'"):
+        train_config(cuda_graphs="on")
+
+
+def test_a_step_that_cannot_be_recorded_runs_eagerly_with_a_warning(recorded_graphs, monkeypatch, caplog):
+    """A model whose forward reads a value on the host (which CUDA forbids while recording) does not
+    end the run: the recording is dropped, a warning says why, and every step runs eagerly."""
+    loss = Trainer.loss
+
+    def loss_read_on_the_host(self, *args):
+        value = loss(self, *args)
+        if value.item() < 0:  # never true: the read is the point
+            raise AssertionError
+        return value
+
+    monkeypatch.setattr(Trainer, "loss", loss_read_on_the_host)
+    patcher = MODEL_FACTORIES["flux_dev"]()
+    samples = fixed_samples(patcher, 2)
+    eager_losses, _ = trained(patcher, samples, "off", steps=4)
+    losses, _ = trained(patcher, samples, "auto", steps=4)
+    assert [g.graph_count for g in recorded_graphs] == [0]
+    assert "could not be recorded as a CUDA graph" in caplog.text and "reads a value on the host" in caplog.text
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(eager_losses), rtol=0, atol=0)

@@ -1,0 +1,100 @@
+"""A step's forward and backward replayed as one CUDA graph.
+
+An eager step launches thousands of kernels from Python (ComfyUI's block code, the LoRA hooks,
+the checkpoints' recomputes), and for SDXL and SD3.5 Medium the GPU waits on that host work
+(bench/NOTES.md §2, §5). A CUDA graph records the kernels of one forward and backward once and
+replays them with one launch. What changes between steps is copied into the graph's input buffers
+first: the batch, its noise and its timesteps, all drawn eagerly as before, so the random streams
+and a resumed run stay exactly those of an eager run. The optimizer step and gradient clipping
+stay eager (a few fused kernels).
+
+A graph replays fixed shapes, so there is one per input shape (aspect-ratio buckets, longer
+prompts), each recorded the second time its shape comes: the first time runs eagerly and is the
+warm-up a capture needs (compiled blocks compile, lazy CUDA state is made). All graphs of a run
+share one memory pool; they never run at once.
+"""
+
+import logging
+from collections.abc import Callable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def _signature(tensors: list[torch.Tensor]) -> tuple:
+    return tuple((tuple(t.shape), t.dtype) for t in tensors)
+
+
+class _Captured:
+    def __init__(self, graph: torch.cuda.CUDAGraph, inputs: list[torch.Tensor], loss: torch.Tensor,
+                 grads: list[torch.Tensor | None]):
+        self.graph, self.inputs, self.loss, self.grads = graph, inputs, loss, grads
+
+
+class GraphedSteps:
+    """Runs `forward_backward(*tensors) -> loss` (which calls backward itself) eagerly the first
+    time a shape comes, records it as a CUDA graph the second time and replays it from then on.
+    After each call the parameters' `.grad` hold this step's gradients, as after an eager backward.
+
+    Up to `max_shapes` input shapes get a graph; steps of further shapes run eagerly.
+    """
+
+    def __init__(self, parameters: list[torch.nn.Parameter], forward_backward: Callable[..., torch.Tensor],
+                 max_shapes: int = 8):
+        self.parameters = parameters
+        self.forward_backward = forward_backward
+        self.max_shapes = max_shapes
+        self._seen: set[tuple] = set()
+        self._graphs: dict[tuple, _Captured] = {}
+        self._pool = None
+
+    @property
+    def graph_count(self) -> int:
+        return len(self._graphs)
+
+    def __call__(self, *tensors: torch.Tensor) -> torch.Tensor:
+        key = _signature(list(tensors))
+        captured = self._graphs.get(key)
+        if captured is None:
+            if key not in self._seen or len(self._graphs) >= self.max_shapes:
+                self._seen.add(key)
+                return self.forward_backward(*tensors)
+            try:
+                captured = self._capture(key, tensors)
+            except RuntimeError as error:
+                # Something in the step cannot be recorded (a read on the host, an operation CUDA
+                # graphs do not take): this run steps eagerly, as it would with cuda_graphs="off".
+                log.warning("the training step could not be recorded as a CUDA graph, steps run eagerly: %s",
+                            str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
+                self.max_shapes = 0
+                for parameter in self.parameters:
+                    parameter.grad = None
+                return self.forward_backward(*tensors)
+        else:
+            for buffer, tensor in zip(captured.inputs, tensors, strict=True):
+                buffer.copy_(tensor)
+            captured.graph.replay()
+        for parameter, grad in zip(self.parameters, captured.grads, strict=True):
+            parameter.grad = grad
+        # The graph writes its loss into the same buffer at every replay.
+        return captured.loss.clone()
+
+    def _capture(self, key: tuple, tensors) -> _Captured:
+        inputs = [t.clone() for t in tensors]
+        for parameter in self.parameters:
+            # Gradients made inside the capture live in the graph's pool; each replay rewrites them.
+            parameter.grad = None
+        # The eager warm-up's cached blocks cannot serve the graph's private pool: hand them back first.
+        torch.cuda.empty_cache()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            loss = self.forward_backward(*inputs)
+        if self._pool is None:
+            self._pool = graph.pool()
+        captured = _Captured(graph, inputs, loss, [p.grad for p in self.parameters])
+        self._graphs[key] = captured
+        log.info("recorded the training step as a CUDA graph for inputs %s", [tuple(t.shape) for t in tensors])
+        # Recording runs no kernel: this step's work is the first replay.
+        graph.replay()
+        return captured
