@@ -76,8 +76,8 @@ class TrainLoraNode(io.ComfyNode):
                                         "newest; empty starts fresh."),
                 io.Combo.Input("compile_blocks", options=list(COMPILE_MODES), default="auto",
                                tooltip="torch.compile each block on a GPU; the first step then compiles for "
-                                       "minutes. auto: SD3 and Flux; on: also SDXL (faster steps, pays off "
-                                       "after ~900 steps); off: never.", **ADVANCED),
+                                       "minutes. auto: SD3 and Flux; on: also SDXL (4-5 minutes of compiling, "
+                                       "for long runs); off: never.", **ADVANCED),
             ],
             hidden=[io.Hidden.unique_id],
             outputs=[
