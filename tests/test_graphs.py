@@ -51,7 +51,7 @@ def _detached(value):
 class Recording(TorchDispatchMode):
     """Stands in for torch.cuda.graph(...): logs the operators dispatched inside it."""
 
-    def __init__(self, graph: RecordedGraph, pool=None):
+    def __init__(self, graph: RecordedGraph, pool=None, capture_error_mode="global"):
         super().__init__()
         self.graph = graph
 

@@ -88,7 +88,9 @@ class GraphedSteps:
         # The eager warm-up's cached blocks cannot serve the graph's private pool: hand them back first.
         torch.cuda.empty_cache()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # Thread-local: the run trains on a thread of its own beside ComfyUI's, whose CUDA calls
+        # must not break the recording (nor fail because of it).
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             loss = self.forward_backward(*inputs)
         if self._pool is None:
             self._pool = graph.pool()
