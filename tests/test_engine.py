@@ -17,7 +17,7 @@ from torch.nn.attention import SDPBackend
 from trainer_core.attention import cudnn_attention_fault
 from trainer_core.config import ConfigError, LoraConfig, TrainConfig
 from trainer_core.families import family_for
-from trainer_core.lora import LoraNetwork
+from trainer_core.lora import LinearLora, LoraNetwork
 from trainer_core.trainer import Sample, Trainer, lr_factor
 
 FAMILIES = list(MODEL_FACTORIES)
@@ -371,6 +371,31 @@ def test_the_cudnn_attention_check_reports_a_failing_kernel_instead_of_failing_i
     reports its failure. On the CPU no SDPA kernel takes the cuDNN-only order, so the child fails."""
     fault = cudnn_attention_fault(torch.device("cpu"))
     assert fault is not None and fault.startswith("exit 1: RuntimeError") and "kernel" in fault
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("shape", [(6, 16), (2, 3, 16), (2, 3, 4, 16)])
+def test_the_fused_lora_sum_equals_output_plus_delta(shape, autocast):
+    """added_to (one addmm for up-projection, scale and sum) gives the base output plus the delta, in
+    the output's dtype and with the same gradients, also where autocast would turn addmm to bf16."""
+    base = torch.nn.Linear(16, 8)
+    layer = LinearLora(base, rank=4, alpha=2.0, dropout=0.0)
+    torch.nn.init.normal_(layer.up)
+    x = torch.randn(shape, requires_grad=True)
+    results = []
+    for combine in (lambda out, x: out + layer.delta(x), layer.added_to):
+        x.grad = layer.down.grad = layer.up.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            output = base(x) if not autocast else base(x).float()
+            summed = combine(output, x)
+        summed.square().sum().backward()
+        results.append((summed.detach(), x.grad, layer.down.grad, layer.up.grad))
+    (expected, *expected_grads), (got, *got_grads) = results
+    assert got.dtype == expected.dtype == torch.float32 and got.shape == expected.shape
+    tolerance = {"rtol": 2e-2, "atol": 2e-2} if autocast else {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(got, expected, **tolerance)
+    for a, b in zip(got_grads, expected_grads, strict=True):
+        torch.testing.assert_close(a, b, **tolerance)
 
 
 def free_memory_readings_of_a_busy_cpu():

@@ -13,7 +13,7 @@ real graphs run on the GPU in bench/bench.py (bench/NOTES.md §5).
 import pytest
 import torch
 import torch.nn.functional as F
-from test_engine import fixed_samples, run_collecting_losses, train_config
+from test_engine import fixed_samples, train_config
 from tiny_models import MODEL_FACTORIES
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
@@ -76,6 +76,8 @@ def recorded_graphs(monkeypatch) -> list[GraphedSteps]:
     monkeypatch.setattr(torch.cuda, "CUDAGraph", RecordedGraph)
     monkeypatch.setattr(torch.cuda, "graph", Recording)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: "the training thread's stream")
+    monkeypatch.setattr(torch.cuda, "set_stream", lambda stream: None)
     monkeypatch.setattr(Trainer, "uses_cuda_graphs", property(lambda self: self.config.cuda_graphs == "auto"))
     made = []
 
@@ -88,10 +90,18 @@ def recorded_graphs(monkeypatch) -> list[GraphedSteps]:
     return made
 
 
-def trained(patcher, samples, mode: str, steps: int):
-    config = train_config(steps=steps, cuda_graphs=mode, gradient_checkpointing=True)
+def trained(patcher, samples, mode: str, steps: int, between_steps=None):
+    # Losses are read every third step: each replay's loss must outlive the replays after it.
+    config = train_config(steps=steps, cuda_graphs=mode, gradient_checkpointing=True, log_every=3)
     trainer = Trainer(patcher, samples, LoraConfig(rank=4), config)
-    losses = run_collecting_losses(trainer)
+    losses = []
+
+    def on_step(trainer, reports):
+        losses.extend(r.loss for r in reports)
+        if between_steps is not None:
+            between_steps(trainer)
+
+    trainer.run(on_step)
     return losses, {k: v.detach().clone() for k, v in trainer.network.state_dict().items()}
 
 
@@ -126,13 +136,38 @@ def test_each_input_shape_gets_its_own_graph(recorded_graphs):
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(eager_losses), rtol=0, atol=0)
 
 
+def test_a_model_moved_between_steps_is_recorded_again(recorded_graphs):
+    """Sampling between steps may move the model off the GPU and back (ComfyUI makes room for the VAE):
+    its weights then live elsewhere, and a graph recorded before would read the old memory. Here one
+    weight moves, with new values, after step 3: the replayed run must still train like the eager one."""
+    def move_a_weight(trainer):
+        if trainer.state.step == 3:
+            weight = next(trainer.family.diffusion_model.parameters())
+            weight.data = weight.data * 0.5
+
+    patcher = MODEL_FACTORIES["flux_dev"]()
+    samples = fixed_samples(patcher, 2)
+    weight = next(patcher.model.diffusion_model.parameters())
+    original = weight.data
+    try:
+        eager_losses, _ = trained(patcher, samples, "off", steps=6, between_steps=move_a_weight)
+        weight.data = original
+        losses, _ = trained(patcher, samples, "auto", steps=6, between_steps=move_a_weight)
+    finally:
+        weight.data = original
+    assert [g.graph_count for g in recorded_graphs] == [1]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(eager_losses), rtol=0, atol=0)
+
+
 def test_graphs_stay_off_where_a_step_cannot_be_one_graph():
-    """fp16's gradient scaler reads on the host between backward and step, and accumulation runs
-    several backwards per step: those runs, and the CPU, step eagerly. A wrong mode names the field."""
+    """fp16's gradient scaler reads on the host between backward and step, accumulation runs several
+    backwards per step, and LoRA dropout's masks in a recorded step are not verified: those runs, and
+    the CPU, step eagerly. A wrong mode names the field."""
     patcher = MODEL_FACTORIES["sd3"]()
     samples = fixed_samples(patcher, 2)
     for overrides in ({}, {"gradient_accumulation": 2}, {"precision": "fp16"}):
         assert not Trainer(patcher, samples, LoraConfig(rank=4), train_config(**overrides)).uses_cuda_graphs
+    assert not Trainer(patcher, samples, LoraConfig(rank=4, dropout=0.1), train_config()).uses_cuda_graphs
     with pytest.raises(ConfigError, match=r"^train\.cuda_graphs: 'on' is not one of 'auto', 'off'"):
         train_config(cuda_graphs="on")
 

@@ -3,22 +3,24 @@
 cuDNN's fused attention runs Flux's and SD3's attention at 1.4-2x FlashAttention-2's rate on an
 H100 (bench/NOTES.md §4), but with an earlier cuDNN its backward faulted on Flux's shape (an
 illegal memory access, DESIGN.md §7), and a CUDA fault ends the process's use of the GPU. So
-"auto" takes it only where it was measured (compute capability 9.0 or newer, cuDNN 9.19 or
-newer) and after its backward has run once, on the families' shapes, in a child process.
+"auto" takes it only where it was measured (Hopper, cuDNN 9.19 or newer) and after its backward
+has run once, on the families' shapes and layouts, in a child process.
 """
 
+import contextlib
 import functools
+import inspect
 import logging
 import subprocess
 import sys
 
 import torch
-from torch.nn.attention import SDPBackend
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 log = logging.getLogger(__name__)
 
 MEASURED_CUDNN = 91900
-MEASURED_CAPABILITY = (9, 0)
+MEASURED_ARCHITECTURE = 9  # Hopper (H100, H200): compute capability 9.x
 # What every kernel falls back to, in order, for inputs the one before refuses (fp32, masks, wide heads).
 FALLBACKS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
@@ -26,10 +28,16 @@ PROBE = """
 import sys, torch, torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 device = torch.device(sys.argv[1])
-# Flux dev at 1024²: 4,096 image + 512 text tokens, 24 heads of 128; SD3.5: 4,096 + 154 tokens, heads of 64.
-for heads, tokens, width in ((24, 4608, 128), (24, 4250, 64)):
-    q, k, v = (torch.randn(1, heads, tokens, width, device=device, dtype=torch.bfloat16, requires_grad=True)
-               for _ in range(3))
+# At 1024²: Flux dev's 4,096 image + 512 text tokens, 24 heads of 128 (contiguous, as Flux hands them
+# over); SD3.5's 4,096 + 154 tokens and SDXL's self- and cross-attention (77 text tokens), heads of 64, as
+# ComfyUI splits them from (batch, tokens, heads · width): a view, transposed.
+for heads, queries, keys, width, split in ((24, 4608, 4608, 128, False), (24, 4250, 4250, 64, True),
+                                           (10, 4096, 4096, 64, True), (10, 4096, 77, 64, True)):
+    def make(tokens):
+        flat = torch.randn(1, tokens, heads * width, device=device, dtype=torch.bfloat16)
+        heads_first = flat.view(1, tokens, heads, width).transpose(1, 2)
+        return (heads_first if split else heads_first.contiguous()).requires_grad_()
+    q, k, v = make(queries), make(keys), make(keys)
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
         F.scaled_dot_product_attention(q, k, v).float().square().mean().backward()
 torch.cuda.synchronize(device)
@@ -65,7 +73,7 @@ def kernel_order(choice: str, device: torch.device) -> list[SDPBackend]:
 def _cudnn_measured_good(device: torch.device) -> bool:
     if device.type != "cuda" or not torch.backends.cudnn.is_available():
         return False
-    measured = (torch.cuda.get_device_capability(device) >= MEASURED_CAPABILITY
+    measured = (torch.cuda.get_device_capability(device)[0] == MEASURED_ARCHITECTURE
                 and torch.backends.cudnn.version() >= MEASURED_CUDNN)
     if not measured:
         return False
@@ -73,3 +81,11 @@ def _cudnn_measured_good(device: torch.device) -> bool:
     if fault is not None:
         log.warning("cuDNN's attention failed its check on %s (%s); training uses flash attention", device, fault)
     return fault is None
+
+
+def kernels_in_order(kernels: list[SDPBackend]) -> contextlib.AbstractContextManager:
+    """SDPA limited to `kernels`, tried in their order where torch can order them (2.6 and newer;
+    before, in torch's own order: flash before cuDNN)."""
+    if "set_priority" in inspect.signature(sdpa_kernel).parameters:
+        return sdpa_kernel(kernels, set_priority=True)
+    return sdpa_kernel(kernels)

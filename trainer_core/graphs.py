@@ -38,38 +38,46 @@ class GraphedSteps:
     After each call the parameters' `.grad` hold this step's gradients, as after an eager backward.
 
     Up to `max_shapes` input shapes get a graph; steps of further shapes run eagerly.
+
+    A graph reads the model's weights where they were when it was recorded. `addresses()` says where
+    they are now (data pointers); when that changes (ComfyUI moved the model off the GPU to sample
+    with the VAE and back), the graphs are dropped and recorded again.
     """
 
     def __init__(self, parameters: list[torch.nn.Parameter], forward_backward: Callable[..., torch.Tensor],
-                 max_shapes: int = 8):
+                 addresses: Callable[[], tuple], max_shapes: int = 8):
         self.parameters = parameters
         self.forward_backward = forward_backward
+        self.addresses = addresses
         self.max_shapes = max_shapes
         self._seen: set[tuple] = set()
         self._graphs: dict[tuple, _Captured] = {}
         self._pool = None
+        self._recorded_at: tuple | None = None
 
     @property
     def graph_count(self) -> int:
         return len(self._graphs)
 
     def __call__(self, *tensors: torch.Tensor) -> torch.Tensor:
+        if self._graphs and self.addresses() != self._recorded_at:
+            log.info("the model's weights moved in memory; the training step is recorded again")
+            self._drop_graphs()
         key = _signature(list(tensors))
         captured = self._graphs.get(key)
         if captured is None:
             if key not in self._seen or len(self._graphs) >= self.max_shapes:
                 self._seen.add(key)
-                return self.forward_backward(*tensors)
+                return self._eager(tensors)
             try:
                 captured = self._capture(key, tensors)
             except RuntimeError as error:
                 # Something in the step cannot be recorded (a read on the host, an operation CUDA
                 # graphs do not take): this run steps eagerly, as it would with cuda_graphs="off".
+                message = str(error).strip()
                 log.warning("the training step could not be recorded as a CUDA graph, steps run eagerly: %s",
-                            str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
-                self.max_shapes = 0
-                for parameter in self.parameters:
-                    parameter.grad = None
+                            message.splitlines()[0] if message else type(error).__name__)
+                self._stop_graphs()
                 return self.forward_backward(*tensors)
         else:
             for buffer, tensor in zip(captured.inputs, tensors, strict=True):
@@ -80,6 +88,30 @@ class GraphedSteps:
         # The graph writes its loss into the same buffer at every replay.
         return captured.loss.clone()
 
+    def _eager(self, tensors) -> torch.Tensor:
+        try:
+            return self.forward_backward(*tensors)
+        except torch.OutOfMemoryError:
+            if not self._graphs:
+                raise
+            # The graphs' pool keeps a recorded step's activations reserved beside this eager step's
+            # (a new bucket's first batch): give the pool back and go on without graphs.
+            log.warning("out of GPU memory beside the recorded CUDA graphs; they are dropped and steps run eagerly")
+            self._stop_graphs()
+            torch.cuda.empty_cache()
+            return self.forward_backward(*tensors)
+
+    def _stop_graphs(self) -> None:
+        self._drop_graphs()
+        self.max_shapes = 0
+
+    def _drop_graphs(self) -> None:
+        self._graphs.clear()
+        self._pool = None
+        for parameter in self.parameters:
+            # Gradients of a dropped graph or of a step that failed halfway must not be accumulated into.
+            parameter.grad = None
+
     def _capture(self, key: tuple, tensors) -> _Captured:
         inputs = [t.clone() for t in tensors]
         for parameter in self.parameters:
@@ -88,14 +120,20 @@ class GraphedSteps:
         # The eager warm-up's cached blocks cannot serve the graph's private pool: hand them back first.
         torch.cuda.empty_cache()
         graph = torch.cuda.CUDAGraph()
-        # Thread-local: the run trains on a thread of its own beside ComfyUI's, whose CUDA calls
-        # must not break the recording (nor fail because of it).
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            loss = self.forward_backward(*inputs)
+        stream = torch.cuda.current_stream()
+        try:
+            # Thread-local: the run trains on a thread of its own beside ComfyUI's, whose CUDA calls
+            # must not break the recording (nor fail because of it).
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                loss = self.forward_backward(*inputs)
+        finally:
+            # A recording that fails can leave this thread on the recording's side stream.
+            torch.cuda.set_stream(stream)
         if self._pool is None:
             self._pool = graph.pool()
         captured = _Captured(graph, inputs, loss, [p.grad for p in self.parameters])
         self._graphs[key] = captured
+        self._recorded_at = self.addresses()
         log.info("recorded the training step as a CUDA graph for inputs %s", [tuple(t.shape) for t in tensors])
         # Recording runs no kernel: this step's work is the first replay.
         graph.replay()

@@ -61,7 +61,10 @@ class LinearLora(LoraLayer):
         return F.linear(hidden, self.up.to(x.dtype)) * self.scale
 
     def added_to(self, output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if output.dtype != x.dtype or x.ndim < 2:
+        device = x.device.type
+        # Under autocast addmm would compute, and return, the autocast dtype: fp32 outputs keep the sum.
+        autocast_changes_dtype = torch.is_autocast_enabled(device) and output.dtype != torch.get_autocast_dtype(device)
+        if output.dtype != x.dtype or x.ndim < 2 or autocast_changes_dtype:
             return super().added_to(output, x)
         # One GEMM adds scale · hidden · upᵀ into the output: no separate kernels for the scale and
         # the sum (SDXL's ~700 adapted layers launch them in forward and recompute; bench/NOTES.md §6).

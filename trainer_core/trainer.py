@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import comfy.model_management
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import SDPBackend
 
-from .attention import kernel_order
+from .attention import kernel_order, kernels_in_order
 from .checkpointing import make_autograd_safe, wrapped_blocks
 from .config import ConfigError, LoraConfig, TrainConfig
 from .families import family_for
@@ -133,6 +133,19 @@ class RunState:
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def _addresses_of(*modules: torch.nn.Module) -> Callable[[], tuple]:
+    """Where the modules' parameters and buffers are in memory now: a recorded graph reads them there.
+    Moving a module swaps its parameters' data and replaces its buffers, so both are read anew."""
+    parameters = [p for m in modules for p in m.parameters()]
+    buffer_slots = [(owner._buffers, name) for m in modules for owner in m.modules()
+                    for name, buffer in owner._buffers.items() if buffer is not None]
+
+    def addresses() -> tuple:
+        return (*(p.data_ptr() for p in parameters), *(slots[name].data_ptr() for slots, name in buffer_slots))
+
+    return addresses
+
+
 class Trainer:
     # Whether a step's forward and backward can be recorded as a CUDA graph (see uses_cuda_graphs).
     records_graphs = True
@@ -195,7 +208,7 @@ class Trainer:
             try:
                 self._prepare_samples()
                 with (
-                    sdpa_kernel(self.attention_kernels, set_priority=True),
+                    kernels_in_order(self.attention_kernels),
                     self.network.attached(diffusion_model),
                     self.family.training_patches(),
                     wrapped_blocks(blocks, cfg.gradient_checkpointing, self.family.blocks_mutate_inputs,
@@ -203,7 +216,8 @@ class Trainer:
                 ):
                     self.network.train()
                     if self.uses_cuda_graphs:
-                        self._graphed = GraphedSteps(list(self.network.parameters()), self._forward_backward)
+                        self._graphed = GraphedSteps(list(self.network.parameters()), self._forward_backward,
+                                                     _addresses_of(diffusion_model, self.network))
                     yield self
             finally:
                 self._graphed = None
@@ -229,10 +243,12 @@ class Trainer:
     def uses_cuda_graphs(self) -> bool:
         """Whether steps replay as CUDA graphs (graphs.py): on CUDA, unless a step has more than
         one backward (gradient accumulation), a gradient scaler (fp16) reads values on the host
-        between them, or a subclass says its backward cannot be recorded (`records_graphs`)."""
+        between them, a subclass says its backward cannot be recorded (`records_graphs`), or LoRA
+        dropout draws masks that the checkpoints' recomputes must redraw alike (not verified in a
+        recorded graph)."""
         cfg = self.config
         return (cfg.cuda_graphs == "auto" and self.device.type == "cuda" and cfg.gradient_accumulation == 1
-                and not self.scaler.is_enabled() and self.records_graphs)
+                and not self.scaler.is_enabled() and self.records_graphs and self.lora_config.dropout == 0)
 
     @property
     def attention_kernels(self) -> list[SDPBackend]:
