@@ -3,7 +3,7 @@ this pack's engine (`trainer_core.trainer.Trainer`) against ComfyUI's own `Train
 
 What it does, in order (DESIGN.md §7):
 - the card's bf16 matmul rate: 8192³ products on random data, device syncs around ten of them, median of seven;
-- whether cuDNN's attention backward fails on Flux's and SD3's shapes (DESIGN.md §7 saw it fail on this card's
+- whether cuDNN's attention backward fails on Flux's, SD3's and SDXL's shapes (DESIGN.md §7 saw it fail on this card's
   image), in a child process so that a CUDA fault cannot end this one (`trainer_core.attention`, the engine's own
   check); ComfyUI's trainer runs under `sdpa_kernel([FLASH_ATTENTION, EFFICIENT_ATTENTION])` (PyTorch's default
   order on Linux starts with those two) unless `--sdpa default`, ours with the kernel order of
@@ -432,7 +432,7 @@ def main(argv=None) -> int:
 
     if device.type == "cuda":
         header["cudnn_sdpa_backward_flux_shape"] = cudnn_attention_fault(device) or "ok (backward ran)"
-        print(f"cuDNN attention backward on Flux's and SD3's shapes: {header['cudnn_sdpa_backward_flux_shape']}",
+        print(f"cuDNN attention backward on the families' shapes: {header['cudnn_sdpa_backward_flux_shape']}",
               flush=True)
     with guard():
         header["preflight_loader_state"] = preflight(device)

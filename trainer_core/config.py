@@ -84,10 +84,12 @@ class TrainConfig:
     # for the families where it pays (SD3, Flux); CPU runs stay eager. "on" compiles any family.
     compile_blocks: str = "auto"
     # Which fused attention kernel PyTorch's SDPA tries first (see bench/NOTES.md §4): "auto" takes
-    # cuDNN's on Hopper and newer with cuDNN >= 9.19 (measured faster and equal there), else flash.
+    # cuDNN's on Hopper with cuDNN >= 9.19 once a check in a child process passes (measured faster and
+    # equal there), else flash.
     attention: str = "auto"
     # Replay each step's forward and backward as a CUDA graph (see graphs.py): "auto" does so on CUDA
-    # where a step has one backward and no fp16 gradient scaler; "off" runs every step eagerly.
+    # where a step has one backward, no fp16 gradient scaler and no LoRA dropout; "off" runs every
+    # step eagerly.
     cuda_graphs: str = "auto"
     seed: int = 0
     loss: str = "mse"

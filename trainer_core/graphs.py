@@ -108,15 +108,17 @@ class GraphedSteps:
     def _drop_graphs(self) -> None:
         self._graphs.clear()
         self._pool = None
+        # Gradients of a dropped graph or of a step that failed halfway must not be accumulated into.
+        self._clear_gradients()
+
+    def _clear_gradients(self) -> None:
         for parameter in self.parameters:
-            # Gradients of a dropped graph or of a step that failed halfway must not be accumulated into.
             parameter.grad = None
 
     def _capture(self, key: tuple, tensors) -> _Captured:
         inputs = [t.clone() for t in tensors]
-        for parameter in self.parameters:
-            # Gradients made inside the capture live in the graph's pool; each replay rewrites them.
-            parameter.grad = None
+        # Gradients made inside the capture live in the graph's pool; each replay rewrites them.
+        self._clear_gradients()
         # The eager warm-up's cached blocks cannot serve the graph's private pool: hand them back first.
         torch.cuda.empty_cache()
         graph = torch.cuda.CUDAGraph()

@@ -55,10 +55,13 @@ class LinearLora(LoraLayer):
         self.up = nn.Parameter(torch.zeros(out_features, self.rank, dtype=torch.float32))
         nn.init.kaiming_uniform_(self.down, a=math.sqrt(5))
 
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """A(dropout(x)), the rank-wide activation. Parameters follow the activation's dtype so a
+        bf16 base works without autocast."""
+        return F.linear(self.dropout(x), self.down.to(x.dtype))
+
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        # Parameters follow the activation's dtype so a bf16 base works without autocast.
-        hidden = F.linear(self.dropout(x), self.down.to(x.dtype))
-        return F.linear(hidden, self.up.to(x.dtype)) * self.scale
+        return F.linear(self.hidden(x), self.up.to(x.dtype)) * self.scale
 
     def added_to(self, output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         device = x.device.type
@@ -68,8 +71,7 @@ class LinearLora(LoraLayer):
             return super().added_to(output, x)
         # One GEMM adds scale · hidden · upᵀ into the output: no separate kernels for the scale and
         # the sum (SDXL's ~700 adapted layers launch them in forward and recompute; bench/NOTES.md §6).
-        hidden = F.linear(self.dropout(x), self.down.to(x.dtype))
-        summed = torch.addmm(output.reshape(-1, output.shape[-1]), hidden.reshape(-1, self.rank),
+        summed = torch.addmm(output.reshape(-1, output.shape[-1]), self.hidden(x).reshape(-1, self.rank),
                              self.up.to(x.dtype).t(), alpha=self.scale)
         return summed.view(output.shape)
 
