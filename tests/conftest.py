@@ -68,8 +68,17 @@ def comfy_dirs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("comfyui")
     host_models = Path(folder_paths.models_dir)
     models = root / "models"
+
+    def redirected(path: Path) -> Path | None:
+        # Model folders, and any other folder of the host's own (0.33 added `datasets` beside `models`).
+        if path.is_relative_to(host_models):
+            return models / path.relative_to(host_models)
+        return root / path.relative_to(COMFY_HOST) if path.is_relative_to(COMFY_HOST) else None
+
     for name, (paths, extensions) in list(folder_paths.folder_names_and_paths.items()):
-        moved = [str(models / Path(p).relative_to(host_models)) for p in paths if Path(p).is_relative_to(host_models)]
+        if name == "custom_nodes":  # the host's installed node packs: read, never written
+            continue
+        moved = [str(target) for p in paths if (target := redirected(Path(p))) is not None]
         if moved:
             folder_paths.folder_names_and_paths[name] = (moved, extensions)
             for path in moved:

@@ -1,6 +1,5 @@
 """The training engine on every family's tiny model, on the CPU."""
 
-import copy
 import itertools
 import math
 
@@ -11,7 +10,7 @@ import comfy.ops
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import MODEL_FACTORIES, random_inputs
+from tiny_models import MODEL_FACTORIES, load_sd3, random_inputs
 from torch.nn.attention import SDPBackend
 
 from trainer_core.attention import cudnn_attention_fault
@@ -170,12 +169,10 @@ def test_flux_trains_with_and_without_checkpointing_although_its_blocks_add_in_p
 
 def test_training_works_on_a_model_loaded_under_inference_mode():
     """ComfyUI builds models and runs nodes under torch.inference_mode()."""
-    patcher = MODEL_FACTORIES["sd3"]().clone()
     with torch.inference_mode():
+        patcher = load_sd3()
         samples = fixed_samples(patcher, 2)
-        model = copy.deepcopy(patcher.model)
-    assert next(model.parameters()).is_inference() and samples[0].latents.is_inference()
-    patcher.model = model
+    assert next(patcher.model.parameters()).is_inference() and samples[0].latents.is_inference()
     trainer = Trainer(patcher, samples, LoraConfig(rank=4), train_config(steps=2))
     trainer.run()
     assert all(torch.isfinite(p).all() for p in trainer.network.parameters())
@@ -272,11 +269,9 @@ def test_base_weights_get_no_gradient_and_keep_their_flags(name):
 def test_weights_moved_outside_inference_mode_are_made_trainable():
     """Tensors made from inference tensors outside inference mode (as a device move does) report
     is_inference() False but have no version counter; the trainer copies them too."""
-    patcher = MODEL_FACTORIES["sd3"]().clone()
     with torch.inference_mode():
-        model = copy.deepcopy(patcher.model)
-    model._apply(lambda t: t.clone())
-    patcher.model = model
+        patcher = load_sd3()
+    patcher.model._apply(lambda t: t.clone())
     trainer = Trainer(patcher, fixed_samples(patcher, 2), LoraConfig(rank=4), train_config(steps=2))
     trainer.run()
     assert all(torch.isfinite(p).all() for p in trainer.network.parameters())

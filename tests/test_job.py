@@ -2,6 +2,7 @@
 
 import threading
 
+import comfy.model_management
 import pytest
 import torch
 from test_engine import fixed_samples, train_config
@@ -116,3 +117,32 @@ def test_the_thread_never_outlives_the_job():
         next(e for e in job.events() if e.kind == "step")
         assert job.running
     assert not job.running
+
+
+def test_the_host_is_told_the_model_trains_only_while_steps_run(monkeypatch):
+    """ComfyUI 0.33 runs Flux's RoPE through a fused kernel without a backward unless
+    `comfy.model_management.in_training` is set; 0.3.75 has no such flag (then it is added here, so
+    the test checks the same behaviour on both hosts)."""
+    monkeypatch.setattr(comfy.model_management, "in_training", False, raising=False)
+    seen_in_steps = []
+
+    class FlagHook(JobHook):
+        every = 2
+
+        def on_step(self, trainer):
+            seen_in_steps.append(("between steps", comfy.model_management.in_training))
+            return []
+
+    trainer = make_trainer(steps=4)
+    block = trainer.family.checkpoint_blocks()[0]
+    handle = block.register_forward_pre_hook(
+        lambda *_: seen_in_steps.append(("in a step", comfy.model_management.in_training)))
+    try:
+        job = TrainingJob(trainer, [FlagHook()]).start()
+        list(job.events())
+        job.result()
+    finally:
+        handle.remove()
+    assert {flag for where, flag in seen_in_steps if where == "in a step"} == {True}
+    assert [flag for where, flag in seen_in_steps if where == "between steps"] == [False]
+    assert comfy.model_management.in_training is False

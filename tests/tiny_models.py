@@ -37,6 +37,8 @@ import torch
 from comfy.ldm.modules.diffusionmodules.mmdit import get_2d_sincos_pos_embed_torch
 from tiny_encoders import text_encoder_dims
 
+from bench.architectures import flux as flux_config
+
 log = logging.getLogger(__name__)
 
 SEED = 0
@@ -103,26 +105,13 @@ TINY_SD3_UNET = {
 }
 
 
-def _flux_unet(variant: str, hidden_size: int, num_heads: int, axes_dim: list[int]) -> dict:
+def _flux_unet(variant: str, hidden_size: int, num_heads: int, axes_dim: list[int],
+               context_dim: int = FLUX_TEXT.context_dim) -> dict:
+    """One double and one single block, completed by the host's own detection (bench.architectures.flux)."""
     if variant not in ("dev", "schnell"):
         raise ValueError(f"Flux variant must be 'dev' or 'schnell', got {variant!r}")
-    return {
-        "image_model": "flux",
-        "in_channels": 16,
-        "out_channels": 16,
-        "vec_in_dim": FLUX_TEXT.pooled_dim,
-        "context_in_dim": FLUX_TEXT.context_dim,
-        "hidden_size": hidden_size,
-        "mlp_ratio": 4.0,
-        "num_heads": num_heads,
-        "depth": 1,
-        "depth_single_blocks": 1,
-        "axes_dim": axes_dim,
-        "theta": 10000,
-        "patch_size": 2,
-        "qkv_bias": True,
-        "guidance_embed": variant == "dev",
-    }
+    return flux_config(hidden_size, num_heads, axes_dim, depth=1, single=1, context_dim=context_dim,
+                       pooled=FLUX_TEXT.pooled_dim, guidance=variant == "dev")
 
 
 FLUX_CONFIG_CLASSES = {"dev": comfy.supported_models.Flux, "schnell": comfy.supported_models.FluxSchnell}
@@ -275,15 +264,17 @@ def build_sd3() -> comfy.model_patcher.ModelPatcher:
 
     Written as a checkpoint and loaded through comfy.sd.load_checkpoint_guess_config; latents up to 64x64.
     """
+    return _cached("sd3", load_sd3)
 
-    def load() -> comfy.model_patcher.ModelPatcher:
-        config = comfy.supported_models.SD3(TINY_SD3_UNET)
-        path = _model_file("sd3_tiny", lambda p: _write_model_file(p, config, torch.float32, CHECKPOINT_PREFIX))
-        patcher = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=False, output_clip=False)[0]
-        _check_loaded(patcher, path, CHECKPOINT_PREFIX)
-        return patcher
 
-    return _cached("sd3", load)
+def load_sd3() -> comfy.model_patcher.ModelPatcher:
+    """The tiny SD3 of `build_sd3` read anew from its file, as a loader node reads it (a model of its own, not
+    the shared one: under inference mode its weights are inference tensors, as in ComfyUI)."""
+    config = comfy.supported_models.SD3(TINY_SD3_UNET)
+    path = _model_file("sd3_tiny", lambda p: _write_model_file(p, config, torch.float32, CHECKPOINT_PREFIX))
+    patcher = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=False, output_clip=False)[0]
+    _check_loaded(patcher, path, CHECKPOINT_PREFIX)
+    return patcher
 
 
 def build_flux(variant: str = "dev") -> comfy.model_patcher.ModelPatcher:
@@ -300,7 +291,7 @@ def flux_full_width_file(variant: str = "dev", context_dim: int = FLUX_TEXT.cont
     of the text states it takes: the tiny T5's, or CLIP-L's 768 for a Flux fed by ComfyUI's text-encoder loader
     with a CLIP-L file alone (from a T5 file the loader builds the full 4.7 B parameter T5, whatever the file holds).
     """
-    unet = _flux_unet(variant, hidden_size=3072, num_heads=24, axes_dim=[16, 56, 56]) | {"context_in_dim": context_dim}
+    unet = _flux_unet(variant, hidden_size=3072, num_heads=24, axes_dim=[16, 56, 56], context_dim=context_dim)
     config = FLUX_CONFIG_CLASSES[variant](unet)
     return _model_file(f"flux_{variant}_full_width_{context_dim}",
                        lambda p: _write_model_file(p, config, torch.bfloat16, ""))

@@ -1,5 +1,7 @@
 """Calls into ComfyUI internals that differ, or may differ, between the supported host versions."""
 
+import contextlib
+
 import comfy.model_management
 import folder_paths
 
@@ -32,3 +34,22 @@ def unload_models(patchers) -> None:
         if model is not None and any(model.is_clone(patcher) for patcher in patchers):
             loaded.pop(index).model_unload()
     comfy.model_management.soft_empty_cache()
+
+
+@contextlib.contextmanager
+def training_mode(enabled: bool):
+    """Tells the host whether the model runs to be trained, and restores what it said before.
+
+    ComfyUI 0.33 picks fused inference kernels unless `comfy.model_management.in_training` is set, and
+    some have no backward (Flux's RoPE: "no autograd formula was registered" for
+    `comfy_kitchen.apply_rope`); its own trainer sets the flag around its loop. 0.3.75 has no such flag.
+    """
+    if not hasattr(comfy.model_management, "in_training"):
+        yield
+        return
+    before = comfy.model_management.in_training
+    comfy.model_management.in_training = enabled
+    try:
+        yield
+    finally:
+        comfy.model_management.in_training = before

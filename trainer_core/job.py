@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import comfy.model_management
 import torch
 
+from . import comfy_compat
 from .lora import LoraNetwork
 from .trainer import StepReport, Trainer
 
@@ -152,10 +153,11 @@ class TrainingJob:
 
     @contextlib.contextmanager
     def _paused(self):
-        """Sampling and saving see the LoRA without dropout and without building a graph."""
+        """Sampling and saving see the LoRA without dropout and without building a graph, and the host
+        uses its inference kernels."""
         self.trainer.network.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), comfy_compat.training_mode(False):
                 yield
         finally:
             self.trainer.network.train()

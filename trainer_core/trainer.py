@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 
+from . import comfy_compat
 from .attention import kernel_order, kernels_in_order
 from .checkpointing import make_autograd_safe, wrapped_blocks
 from .config import ConfigError, LoraConfig, TrainConfig
@@ -208,6 +209,7 @@ class Trainer:
             try:
                 self._prepare_samples()
                 with (
+                    comfy_compat.training_mode(True),
                     kernels_in_order(self.attention_kernels),
                     self.network.attached(diffusion_model),
                     self.family.training_patches(),
