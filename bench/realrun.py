@@ -114,7 +114,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="JSON and markdown results (default <work>/results)")
     parser.add_argument("--clean-other-models", action="store_true",
                         help="delete model files this call does not use from --models first (the disk is small)")
-    parser.add_argument("--time-limit", type=float, default=570.0,
+    parser.add_argument("--time-limit", type=float, default=540.0,
                         help="seconds after the start past which a run is stopped and none is started")
     parser.add_argument("--min-run-seconds", type=float, default=60.0,
                         help="start no run with less than this left of --time-limit")
@@ -577,6 +577,9 @@ class ComfyServer:
             if not link.exists():
                 link.symlink_to(REPO, target_is_directory=True)
             lines.append(f"  custom_nodes: {json.dumps(str(custom_nodes))}")
+        # The trained LoRA goes where the LoRA Loader looks first: into this run's folder, not the host's.
+        lines += ["realrun_run:", f"  base_path: {json.dumps(str(self.root))}", "  is_default: true",
+                  "  loras: loras"]
         paths_file = self.root / "extra_model_paths.yaml"
         paths_file.write_text("\n".join(lines) + "\n")
         port = free_port()

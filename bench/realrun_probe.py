@@ -139,7 +139,7 @@ class Probe:
             # What this process holds outside PyTorch's allocator now (its CUDA context): a real card holds it too.
             context = total - free - torch.cuda.memory_reserved(device)
             if self.card_gib:
-                cap = self.card_gib * GIB - context
+                cap = min(total, self.card_gib * GIB - context)
                 torch.cuda.set_per_process_memory_fraction(cap / total, device)
                 setup["allocator_cap_gib"] = cap / GIB
             setup.update(total_gib=total / GIB, context_gib=context / GIB,

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Builds .device/ (git-ignored): what the GPU machine needs for bench/bench.py and lacks, to be named in
-# the device call's `carry`. Its image has torch, transformers, safetensors, numpy, einops, scipy, PIL,
+# Builds .device/ (git-ignored): what the GPU machine needs for bench/bench.py and bench/realrun.py and
+# lacks, to be named in the device call's `carry`. Its image has torch, transformers, safetensors, numpy, einops, scipy, PIL,
 # tqdm, psutil, yaml (see the device's KINDS.md) but no network, so it gets:
 #   .device/comfyui/  the ComfyUI host (COMFYUI_PATH or .comfyui/), without tests, docs, API nodes and the
-#                     tokenizer data of models we never load (Llama, Qwen, ...: 15 MB of the 25)
+#                     tokenizer data of models we never load (Llama, Qwen, ...: 15 MB of the 25); realrun.py
+#                     starts its server (main.py) with an empty --front-end-root and links the pack into a
+#                     custom_nodes folder of its own, so the frontend, template and database packages the
+#                     image lacks are not needed (ComfyUI only warns about them)
 #   .device/whl/      wheels for Python 3.12 / manylinux x86_64: torchsde + trampoline (comfy.samplers
 #                     imports them), av (comfy_api.latest imports it at the top, for its video types),
 #                     bitsandbytes (AdamW8bit) cut down to its CPU and CUDA $BNB_CUDA libraries.
@@ -104,6 +107,7 @@ import comfy.samplers  # noqa: E402,F401
 import comfy.sd  # noqa: E402,F401
 import comfy_api.latest  # noqa: E402,F401
 import comfy_extras.nodes_train  # noqa: E402,F401
+import server  # noqa: E402,F401  - the real-run bench's node entry runs ComfyUI's own server
 
 print("trimmed host imports: ok")
 PYTHON

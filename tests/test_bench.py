@@ -22,3 +22,83 @@ def test_the_benchmark_runs_both_trainers_in_smoke_mode(comfy_host: Path, tmp_pa
         assert row[side]["median_s"] > 0
     assert row["ours"]["forward_flops"] > 0
     assert "Flux dev" in finished.stdout and "ours/theirs" in finished.stdout
+
+
+def test_the_real_run_bench_trains_through_both_entries_and_records_steps_phases_and_buckets(
+        comfy_host: Path, tmp_path: Path) -> None:
+    """bench/realrun.py at its CPU scale (--tiny --cpu): files written through its writers and loaded by ComfyUI's
+    loaders without a missing key, three aspect-ratio buckets, lora-train and a live ComfyUI server's Train LoRA."""
+    work = tmp_path / "realrun"
+    command = [sys.executable, "bench/realrun.py", "--tiny", "--cpu", "--card-gb", "8", "--entry", "both",
+               "--steps", "9", "--warmup", "2", "--sample-every", "4", "--save-every", "4", "--work", str(work)]
+    environment = os.environ | {"COMFYUI_PATH": str(comfy_host), "OMP_NUM_THREADS": "1"}
+    finished = subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=1200)
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+
+    document = json.loads((work / "results" / "realrun-tiny-8gb-both.json").read_text())
+    assert document["dataset"]["images"] == 9
+    runs = {run["entry"]: run for run in document["runs"]}
+    assert set(runs) == {"cli", "node"}
+    for entry, run in runs.items():
+        assert run["status"] == "ok", (entry, run.get("message"), run.get("log_tail"))
+        assert run["load_warnings"] == [], run["load_warnings"]
+        assert [step["step"] for step in run["steps"]] == list(range(1, 10))
+        assert all(step["seconds"] > 0 for step in run["steps"])
+        # One epoch of nine images: every bucket is drawn, and each step knows its bucket.
+        assert set(run["buckets"]) == {"128x128", "64x192", "192x64"}
+        assert all(step["bucket"] in run["buckets"] for step in run["steps"])
+        # Previews and checkpoints at steps 4 and 8 sit between those steps and the next, not inside a step.
+        assert [step["step"] for step in run["steps"] if step["between_s"] > 0] == [5, 9]
+        assert run["samples"] == 3 and run["checkpoints"] == 2  # at 4 and 8, and the final preview
+        for phase in ("loading", "caching", "training", "sampling", "saving"):
+            assert run["phases"][phase]["seconds"] > 0, (entry, phase, run["phases"])
+        assert run["time_to_first_step_s"] > 0 and run["steady_s_per_step"] > 0
+        assert (Path(run["run_dir"]) / "result.json").is_file()
+    assert runs["node"]["server_start_s"] > 0
+
+    table = (work / "results" / "realrun-tiny-8gb-both.md").read_text()
+    assert "| model | entry | card | fits | steady s/step |" in table
+    assert "| SD3 (tiny) | cli | CPU | yes |" in table and "| SD3 (tiny) | node | CPU | yes |" in table
+    assert table.strip() in finished.stdout
+
+
+def test_real_run_step_times_leave_out_previews_and_count_compiles() -> None:
+    """From probe records with made-up times: a report of two steps shares its gap, a preview between two steps is
+    not a step's time, steps in which torch.compile compiled are the compile time, and a phase's peak is exact
+    where it raised the overall peak and the sampler's reading where it did not."""
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    import realrun
+
+    gib = 1024**3
+
+    def event(t, kind, step=None, frames=0):
+        return {"kind": "event", "t": t, "event": kind, "data": {"step": step} if step else {"compiling": True},
+                "frames": frames}
+
+    def segment(phase, t0, t1, peak_start, peak_end, seen):
+        return {"kind": "segment", "phase": phase, "t0": t0, "t1": t1, "allocated_peak_start": peak_start * gib,
+                "allocated_peak_end": peak_end * gib, "allocated_seen": seen * gib, "reserved_peak_start": 0,
+                "reserved_peak_end": 0, "reserved_seen": 0}
+
+    records = [
+        event(0.0, "started"), event(10.0, "step", 1, frames=50), event(10.5, "step", 2, frames=50),
+        event(11.0, "step", 3, frames=50), segment("sampling", 11.1, 13.1, 6.0, 6.0, 4.5),
+        event(13.5, "step", 4, frames=50), event(14.5, "step", 5, frames=50), event(14.5, "step", 6, frames=50),
+        event(20.0, "step", 7, frames=60), event(20.5, "step", 8, frames=60),
+        segment("training", 0.0, 11.1, 0.0, 6.0, 5.0),
+        *({"kind": "batch", "t": 0.0, "shape": [1, 16, 128, 128]} for _ in range(8)),
+    ]
+    result = realrun.summarize({"run_start": -5.0, "status": "ok"}, records, [], total_steps=8, warmup=1)
+
+    assert [s["seconds"] for s in result["steps"]] == [10.0, 0.5, 0.5, 0.5, 0.5, 0.5, 5.5, 0.5]
+    assert [s["between_s"] for s in result["steps"]][3] == 2.0
+    assert result["time_to_first_step_s"] == 15.0
+    assert result["steady_s_per_step"] == 0.5
+    assert result["buckets"] == ["1024x1024"]
+    compiled = result["compile"]
+    assert [(e["step"], e["frames"]) for e in compiled["compiling_steps"]] == [(1, 50), (7, 10)]
+    assert compiled["seconds"] == 14.5 and compiled["recompiles"] == 1
+    assert result["phases"]["training"]["peak_allocated_gib"] == 6.0
+    assert result["phases"]["training"]["peak_allocated_exact"] is True
+    assert result["phases"]["sampling"]["peak_allocated_gib"] == 4.5
+    assert result["phases"]["sampling"]["peak_allocated_exact"] is False
