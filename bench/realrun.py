@@ -123,6 +123,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.child:
         return args
+    if args.rest:
+        parser.error(f"unrecognized arguments: {' '.join(args.rest)}")
     if args.tiny == bool(args.model):
         parser.error("give --model (sdxl, sd35m, sd35l, flux) or --tiny")
     if args.cpu and not args.tiny:

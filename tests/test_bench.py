@@ -55,6 +55,9 @@ def test_the_real_run_bench_trains_through_both_entries_and_records_steps_phases
         assert run["time_to_first_step_s"] > 0 and run["steady_s_per_step"] > 0
         assert (Path(run["run_dir"]) / "result.json").is_file()
     assert runs["node"]["server_start_s"] > 0
+    # The node's LoRA is written into the run's folder, not into the host's loras folder.
+    assert list((Path(runs["node"]["run_dir"]) / "server" / "loras").rglob("*.safetensors"))
+    assert not list((comfy_host / "models" / "loras").glob("realrun_*"))
 
     table = (work / "results" / "realrun-tiny-8gb-both.md").read_text()
     assert "| model | entry | card | fits | steady s/step |" in table
