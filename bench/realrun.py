@@ -290,7 +290,11 @@ class Bench:
             started = time.monotonic()
             command = [sys.executable, str(BENCH / "realrun.py"), "--child", "generate", "--", str(models),
                        self.label if args.tiny else args.model, args.weights, str(int(args.tiny)), str(int(args.cpu))]
-            subprocess.run(command, cwd=REPO, env=self.child_env(), check=True, timeout=max(60, self.remaining()))
+            try:
+                subprocess.run(command, cwd=REPO, env=self.child_env(), check=True,
+                               timeout=max(60, self.remaining()))
+            except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as error:
+                sys.exit(f"writing the model files failed ({error}); the child's error is above")
             generated = time.monotonic() - started
         dataset_folder = args.work / ("dataset-tiny" if args.tiny else "dataset-1024")
         self.dataset = realrun_files.write_dataset(dataset_folder, args.tiny, TRIGGER)

@@ -79,7 +79,8 @@ def model_files(model: str, weights: str, tiny: bool = False) -> ModelFiles:
 def stale_files(models_dir: Path, keep: ModelFiles) -> list[Path]:
     """Model files in the folder that `keep` does not use (other models, other weight dtypes)."""
     wanted = {models_dir / f for f in keep.all}
-    found = [p for folder in MODEL_FOLDERS for p in sorted((models_dir / folder).glob("*.safetensors"))]
+    # Also what an interrupted write left (`.partial`).
+    found = [p for folder in MODEL_FOLDERS for p in sorted((models_dir / folder).glob("*.safetensors*"))]
     return [p for p in found if p not in wanted]
 
 

@@ -96,6 +96,8 @@ import os
 import sys
 
 sys.path.insert(0, os.environ["COMFYUI_PATH"])
+# As main.py does first: ComfyUI's `utils` package, before anything imports comfy/utils.py as a bare `utils`.
+import utils.extra_config  # noqa: E402,F401
 import comfy.options
 
 comfy.options.enable_args_parsing(False)
