@@ -11,10 +11,13 @@ from pathlib import Path
 
 from comfy_api.latest import ComfyExtension, io
 
-# The tiny model factories live beside this package, in tests/; ComfyUI imports it by file path.
+# The tiny model factories live beside this package, in tests/, and take Flux's config from bench/ in the
+# repository's root; ComfyUI imports this package by file path. Appended: ComfyUI's own `nodes` module
+# comes first, before the pack's `nodes/` package in the root.
 TESTS_DIR = Path(__file__).resolve().parents[1]
-if str(TESTS_DIR) not in sys.path:
-    sys.path.append(str(TESTS_DIR))
+for folder in (TESTS_DIR, TESTS_DIR.parent):
+    if str(folder) not in sys.path:
+        sys.path.append(str(folder))
 
 import tiny_encoders  # noqa: E402
 import tiny_models  # noqa: E402
