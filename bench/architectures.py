@@ -181,7 +181,8 @@ def randomize_(module: torch.nn.Module, seed: int) -> None:
     Matrices and kernels get N(0, 1/fan_in), biases zero, norm scales one, MMDiT's position table N(0, 0.02²).
     Values are drawn in bf16 and copied, since fp8 tensors cannot be sampled directly.
     """
-    generator = torch.Generator(device=next(module.parameters()).device).manual_seed(seed)
+    # One generator per device: ComfyUI's text encoders keep some tensors on the CPU beside the GPU ones.
+    generators: dict[torch.device, torch.Generator] = {}
     for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
         if not tensor.is_floating_point():
             continue
@@ -191,6 +192,7 @@ def randomize_(module: torch.nn.Module, seed: int) -> None:
             tensor.fill_(1.0)
         else:
             std = 0.02 if name == "pos_embed" else 1.0 / math.sqrt(tensor[0].numel())
+            generator = generators.setdefault(tensor.device, torch.Generator(device=tensor.device).manual_seed(seed))
             draw = torch.randn(tensor.shape, generator=generator, device=tensor.device, dtype=COMPUTE_DTYPE)
             tensor.copy_(draw * std)
 
