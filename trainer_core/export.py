@@ -403,7 +403,7 @@ def save_checkpoint(trainer: Trainer, save: SaveConfig, started_at: float, run_i
 def _refuse_non_finite(trainer: Trainer, root: Path, run_id: str) -> None:
     if all_finite(trainer.network):
         return
-    good = [path for path in newest_first(root) if run_of(path) == run_id]
+    good = [path for path in newest_first(root, root / f"run-{run_id}") if run_of(path) == run_id]
     kept = f"the last good checkpoint, {good[0]}, is kept" if good else "no earlier checkpoint of this run was saved"
     raise FloatingPointError(
         f"the LoRA's weights are not finite (NaN or inf) at step {trainer.state.step}, so they were not saved; "
@@ -457,8 +457,8 @@ def list_checkpoints(folder: str | os.PathLike) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
-def newest_first(folder: str | os.PathLike) -> list[Path]:
-    """The checkpoint folders in `folder`, the last saved first (a run resumed from an earlier step
+def newest_first(*folders: str | os.PathLike) -> list[Path]:
+    """The checkpoint folders in `folders`, the last saved first (a run resumed from an earlier step
     saves lower steps after higher ones)."""
 
     def saved_at(path: Path) -> tuple[int, int]:
@@ -466,13 +466,14 @@ def newest_first(folder: str | os.PathLike) -> list[Path]:
             return (path / "resume.json").stat().st_mtime_ns, int(path.name[len("step-"):])
         return 0, int(path.name[len("step-"):])
 
-    return sorted(list_checkpoints(folder), key=saved_at, reverse=True)
+    return sorted((p for folder in folders for p in list_checkpoints(folder)), key=saved_at, reverse=True)
 
 
 def _prune(root: Path, run_id: str, keep_last: int) -> None:
-    """Drops all but the last `keep_last` saved checkpoints of run `run_id` (0 keeps all)."""
+    """Drops all but the last `keep_last` saved checkpoints of run `run_id` (0 keeps all), also those
+    another run of the name moved aside."""
     if keep_last:
-        for path in [p for p in newest_first(root) if run_of(p) == run_id][keep_last:]:
+        for path in [p for p in newest_first(root, root / f"run-{run_id}") if run_of(p) == run_id][keep_last:]:
             shutil.rmtree(path)
 
 
@@ -642,7 +643,8 @@ class CheckpointHook(JobHook):
         try:
             checkpoint = self._checkpoint(trainer).data["path"]
         except (OSError, safetensors.SafetensorError) as error:
-            own = [p for p in newest_first(checkpoints_folder(self.save)) if run_of(p) == self.run_id]
+            root = checkpoints_folder(self.save)
+            own = [p for p in newest_first(root, root / f"run-{self.run_id}") if run_of(p) == self.run_id]
             newest = f"the newest checkpoint of this run is {own[0]}" if own else "no checkpoint of this run is saved"
             raise SaveFailed(
                 f"the LoRA of step {step} could not be written ({lora_error}), nor a checkpoint of it ({error}); "
