@@ -12,6 +12,7 @@ one or none; unfinished ones are hidden dot-names ending in `.tmp`.
 """
 
 import contextlib
+import functools
 import glob
 import json
 import logging
@@ -171,7 +172,7 @@ def _write_atomically(path: Path, write: Callable[[str], None]) -> None:
     handle, temp = _create_temp_file(path.parent, f".{path.name}.")
     try:
         if fcntl is not None:
-            fcntl.flock(handle, fcntl.LOCK_EX)
+            _flock(handle, wait=True)
         else:  # Windows cannot rename a file that is open: the temp file stays unlocked there.
             os.close(handle)
             handle = None
@@ -225,9 +226,8 @@ def remove_stale_temp_files(path: str | os.PathLike) -> list[Path]:
         except OSError:  # a folder, or gone already
             continue
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            continue  # its writer is alive
+            if not _flock(handle, wait=False):
+                continue  # its writer is alive, or the file system cannot tell
         finally:
             os.close(handle)
         with contextlib.suppress(FileNotFoundError):
@@ -237,6 +237,19 @@ def remove_stale_temp_files(path: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def _flock(handle: int, wait: bool) -> bool:
+    """Takes an exclusive lock on the open file; False where another process holds it (wait=False) or
+    where the file system has no locks (some network and FUSE ones), after which writers go unlocked."""
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        return True
+    except BlockingIOError:
+        return False
+    except OSError as error:
+        log.debug("no file locks here (%s): saves in this folder are not guarded against other processes", error)
+        return False
+
+
 @contextlib.contextmanager
 def _locked(lock_file: Path):
     """Holds an exclusive lock on `lock_file` (made if missing), across processes, until the block ends."""
@@ -244,7 +257,7 @@ def _locked(lock_file: Path):
     handle = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         if fcntl is not None:
-            fcntl.flock(handle, fcntl.LOCK_EX)
+            _flock(handle, wait=True)
         else:
             while True:
                 try:
@@ -425,8 +438,18 @@ def _move_into_place(staging: Path, final: Path) -> None:
 
 def run_of(checkpoint: Path) -> str:
     """The id of the run that saved `checkpoint` ("unknown" for one without, or unreadable)."""
+    resume_json = checkpoint / "resume.json"
     try:
-        header = json.loads((checkpoint / "resume.json").read_text(encoding="utf-8"))
+        return _run_in(str(resume_json), resume_json.stat().st_mtime_ns)
+    except OSError:
+        return UNKNOWN_RUN
+
+
+@functools.lru_cache(maxsize=4096)
+def _run_in(resume_json: str, mtime_ns: int) -> str:
+    # Cached by modification time: every save asks it of every checkpoint of the name.
+    try:
+        header = json.loads(Path(resume_json).read_text(encoding="utf-8"))
         run = header.get("run") if isinstance(header, dict) else None
     except (OSError, ValueError):
         run = None
