@@ -1,4 +1,5 @@
 import time
+from pathlib import Path
 
 import comfy.model_management
 import comfy.utils
@@ -8,7 +9,15 @@ from comfy_api.latest import io
 from PIL import Image
 
 from ..trainer_core import export
-from ..trainer_core.config import COMPILE_MODES, OPTIMIZERS, PRECISIONS, SCHEDULES, SaveConfig, TrainConfig
+from ..trainer_core.config import (
+    COMPILE_MODES,
+    MAX_LEARNING_RATE,
+    OPTIMIZERS,
+    PRECISIONS,
+    SCHEDULES,
+    SaveConfig,
+    TrainConfig,
+)
 from ..trainer_core.data import build_samples
 from ..trainer_core.job import TrainingJob
 from ..trainer_core.sampling import SampleHook, SampleSettings, encode_prompts
@@ -40,7 +49,7 @@ class TrainLoraNode(io.ComfyNode):
                 io.String.Input("output_name", default="my_lora",
                                 tooltip="Name of the LoRA file and of its folder under loras/ and output/."),
                 io.Int.Input("steps", default=1000, min=1, max=1_000_000, tooltip="Optimizer steps to train."),
-                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=10.0, step=1e-5,
+                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=MAX_LEARNING_RATE, step=1e-5,
                                tooltip="Peak learning rate (Prodigy: use 1.0)."),
                 io.Combo.Input("optimizer", options=list(OPTIMIZERS), default="adamw8bit",
                                tooltip="adamw8bit keeps optimizer state in 8 bits (bitsandbytes)."),
@@ -72,8 +81,8 @@ class TrainLoraNode(io.ComfyNode):
                 io.Int.Input("sample_size", default=1024, min=64, max=4096, step=64,
                              tooltip="Side of the square previews in pixels."),
                 io.String.Input("resume_from", default="",
-                                tooltip="A checkpoint folder to continue from, or 'latest' for this output name's "
-                                        "newest; empty starts fresh."),
+                                tooltip="A checkpoint folder to continue from (relative: inside the output "
+                                        "folder), or 'latest' for this output name's newest; empty starts fresh."),
                 io.Combo.Input("compile_blocks", options=list(COMPILE_MODES), default="auto",
                                tooltip="torch.compile each block on a GPU; the first step then compiles for "
                                        "minutes. auto: SD3 and Flux; on: also SDXL (4-5 minutes of compiling, "
@@ -111,13 +120,16 @@ class TrainLoraNode(io.ComfyNode):
         samples, _ = build_samples(dataset, model, clip, vae, folder_paths.get_input_directory(),
                                    folder_paths.get_output_directory())
         trainer = Trainer(model, samples, lora_config, train)
+        resumed = None
         if resume_from.strip():
-            target = export.checkpoints_folder(save) if resume_from.strip() == "latest" else resume_from.strip()
+            # A relative path is one inside ComfyUI's output folder, where checkpoints are saved.
+            target = (export.checkpoints_folder(save) if resume_from.strip() == "latest"
+                      else Path(folder_paths.get_output_directory()) / resume_from.strip())
             # ComfyUI runs nodes under inference mode: optimizer state loaded there would be made of
             # inference tensors, which the training thread cannot update in place.
             with torch.inference_mode(False):
-                export.resume(trainer, target)
-        checkpoints = export.CheckpointHook(save, started_at=time.time())
+                resumed = export.resume(trainer, target)
+        checkpoints = export.CheckpointHook(save, started_at=time.time(), resumed=resumed)
         hooks = [checkpoints]
         if settings is not None:
             samples_folder = export.checkpoints_folder(save).parent / "samples"

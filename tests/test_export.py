@@ -279,7 +279,7 @@ def test_a_failed_checkpoint_leaves_the_previous_one_loadable_and_no_leftovers(b
 
     with trainer.session():
         trainer.step()
-        first = export.save_checkpoint(trainer, config, STARTED_AT)
+        first = export.save_checkpoint(trainer, config, STARTED_AT, "run-a")
         listing = files_under(tmp_path)
         trainer.step()
         if breakage == "lora file":
@@ -287,7 +287,7 @@ def test_a_failed_checkpoint_leaves_the_previous_one_loadable_and_no_leftovers(b
         else:
             monkeypatch.setattr(os, "replace", replace_files_only)
         with pytest.raises(OSError):
-            export.save_checkpoint(trainer, config, STARTED_AT)
+            export.save_checkpoint(trainer, config, STARTED_AT, "run-a")
     monkeypatch.undo()
     assert files_under(tmp_path) == listing
     assert export.list_checkpoints(export.checkpoints_folder(config)) == [first]
@@ -339,7 +339,7 @@ def test_cancel_then_resume_equals_training_straight_through(optimizer, tmp_path
     assert [p.name for p in export.checkpoints_folder(save).iterdir()] == ["step-000002"]
 
     second_half = Trainer(patcher, samples(patcher), lora, config)
-    assert export.resume(second_half, export.checkpoints_folder(save)) == Path(saved[0]["path"])
+    assert export.resume(second_half, export.checkpoints_folder(save)).folder == Path(saved[0]["path"])
     assert second_half.state.step == 2
     second_half.run()
     expected, actual = weights_of(straight), weights_of(second_half)

@@ -19,6 +19,9 @@ COMPILE_MODES = ("auto", "on", "off")
 ATTENTION_KERNELS = ("auto", "flash", "cudnn")
 CUDA_GRAPH_MODES = ("auto", "off")
 SAVE_DTYPES = ("bf16", "fp16", "fp32")
+# Above it every optimizer here diverges in the first steps (adaptive ones, Prodigy, take 1.0); inf, NaN
+# and values like 1e38 would make the weights non-finite before the loss shows it.
+MAX_LEARNING_RATE = 10.0
 
 
 class ConfigError(ValueError):
@@ -110,7 +113,10 @@ class TrainConfig:
         for name in ("steps", "batch_size", "gradient_accumulation", "log_every"):
             value = getattr(self, name)
             _require(isinstance(value, int) and value >= 1, owner, name, f"must be an integer >= 1, got {value!r}")
-        _require(self.learning_rate > 0, owner, "learning_rate", f"must be > 0, got {self.learning_rate!r}")
+        lr = self.learning_rate
+        lr_ok = isinstance(lr, (int, float)) and not isinstance(lr, bool) and 0 < lr <= MAX_LEARNING_RATE
+        _require(lr_ok, owner, "learning_rate", f"must be a number > 0 and <= {MAX_LEARNING_RATE:g} (AdamW trains "
+                 f"LoRAs at 1e-5 to 1e-3, Prodigy at 1.0), got {lr!r}")
         _require(self.warmup_steps >= 0, owner, "warmup_steps", f"must be >= 0, got {self.warmup_steps!r}")
         _require(self.max_grad_norm >= 0, owner, "max_grad_norm", "must be >= 0 (0 turns clipping off)")
         _require(self.weight_decay >= 0, owner, "weight_decay", f"must be >= 0, got {self.weight_decay!r}")

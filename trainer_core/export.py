@@ -12,12 +12,14 @@ one or none; unfinished ones are hidden dot-names ending in `.tmp`.
 """
 
 import contextlib
+import functools
+import glob
 import json
 import logging
 import os
 import re
+import secrets
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -36,6 +38,12 @@ from .families.base import Family
 from .job import Event, JobHook
 from .lora import LoraNetwork, lora_layer_for
 from .trainer import Trainer
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+    import msvcrt
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +82,11 @@ def lora_state_dict(network: LoraNetwork, dtype: str = "fp32") -> dict[str, torc
     return tensors
 
 
+def all_finite(network: LoraNetwork) -> bool:
+    """Whether no weight of the network is NaN or infinite (one read from the device)."""
+    return bool(torch.stack([p.detach().isfinite().all() for p in network.parameters()]).all())
+
+
 def lora_metadata(
     family: Family, lora: LoraConfig, train: TrainConfig, *, name: str, steps: int, started_at: float,
     trigger_word: str = "",
@@ -98,6 +111,9 @@ def lora_metadata(
 
 
 def write_lora(path: str | os.PathLike, trainer: Trainer, save: SaveConfig, started_at: float) -> None:
+    if not all_finite(trainer.network):
+        raise FloatingPointError(f"the LoRA's weights are not finite (NaN or inf) at step {trainer.state.step}; "
+                                 f"{path} is not written. Lower train.learning_rate or use precision bf16/fp32")
     metadata = lora_metadata(
         trainer.family, trainer.lora_config, trainer.config, name=save.name, steps=trainer.state.step,
         started_at=started_at, trigger_word=save.trigger_word,
@@ -129,6 +145,12 @@ def apply_lora_to_clone(patcher, network: LoraNetwork, strength: float = 1.0):
 
 
 # -- atomic files -------------------------------------------------------------------------------
+#
+# A file appears by rename of a temp file beside it, a dot-name ending in .tmp (ComfyUI's model lists
+# filter by extension and never show it). Temp files and folders are made with the umask's mode, as
+# ComfyUI's own outputs are (tempfile.mkstemp / mkdtemp would make them 0600 / 0700, and the rename
+# keeps that). While a process writes a temp file it holds a lock on it; a temp file that nobody holds
+# was left by a killed writer (kill -9, power loss) and is removed by the next write of that name.
 
 
 def write_safetensors_atomic(
@@ -146,11 +168,15 @@ def write_json_atomic(path: str | os.PathLike, value) -> None:
 def _write_atomically(path: Path, write: Callable[[str], None]) -> None:
     """Temp file beside `path`, fsync, rename over `path`, fsync the folder (the rename's record)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    # A dot-name ending in .tmp: ComfyUI's model lists filter by extension and never show it.
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
+    remove_stale_temp_files(path)
+    handle, temp = _create_temp_file(path.parent, f".{path.name}.")
     try:
-        write(temp)
+        if fcntl is not None:
+            _flock(handle, wait=True)
+        else:  # Windows cannot rename a file that is open: the temp file stays unlocked there.
+            os.close(handle)
+            handle = None
+        write(str(temp))
         with open(temp, "r+b") as file:
             os.fsync(file.fileno())
         os.replace(temp, path)
@@ -158,7 +184,94 @@ def _write_atomically(path: Path, write: Callable[[str], None]) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.remove(temp)
         raise
+    finally:
+        if handle is not None:
+            os.close(handle)
     _fsync_folder(path.parent)
+
+
+def _create_temp_file(folder: Path, prefix: str) -> tuple[int, Path]:
+    """A new, empty `<prefix><random>.tmp` in `folder`, open for writing, with the umask's mode."""
+    while True:
+        temp = folder / f"{prefix}{secrets.token_hex(6)}.tmp"
+        try:
+            return os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), temp
+        except FileExistsError:
+            continue
+
+
+def _make_temp_folder(folder: Path, prefix: str) -> Path:
+    """A new, empty `<prefix><random>.tmp` folder in `folder`, with the umask's mode."""
+    while True:
+        temp = folder / f"{prefix}{secrets.token_hex(6)}.tmp"
+        try:
+            os.mkdir(temp, 0o777)
+            return temp
+        except FileExistsError:
+            continue
+
+
+def remove_stale_temp_files(path: str | os.PathLike) -> list[Path]:
+    """Removes the temp files that killed writers of `path` left beside it and returns them. A temp
+    file whose writer lives is locked and stays. (A writer between creating its file and locking it
+    may lose it here; it then writes the file anew by name, so nothing is lost.) Windows has no such
+    locks: its temp files stay."""
+    path = Path(path)
+    removed = []
+    if fcntl is None or not path.parent.is_dir():
+        return removed
+    for temp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        try:
+            handle = os.open(temp, os.O_RDONLY)
+        except OSError:  # a folder, or gone already
+            continue
+        try:
+            if not _flock(handle, wait=False):
+                continue  # its writer is alive, or the file system cannot tell
+        finally:
+            os.close(handle)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temp)
+            removed.append(temp)
+            log.info("removed %s, left by a save that was killed", temp)
+    return removed
+
+
+def _flock(handle: int, wait: bool) -> bool:
+    """Takes an exclusive lock on the open file; False where another process holds it (wait=False) or
+    where the file system has no locks (some network and FUSE ones), after which writers go unlocked."""
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        return True
+    except BlockingIOError:
+        return False
+    except OSError as error:
+        log.debug("no file locks here (%s): saves in this folder are not guarded against other processes", error)
+        return False
+
+
+@contextlib.contextmanager
+def _locked(lock_file: Path):
+    """Holds an exclusive lock on `lock_file` (made if missing), across processes, until the block ends."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    handle = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        if fcntl is not None:
+            _flock(handle, wait=True)
+        else:
+            while True:
+                try:
+                    msvcrt.locking(handle, msvcrt.LK_LOCK, 1)
+                    break
+                except OSError:  # LK_LOCK gives up after 10 s; the other save is still running
+                    continue
+        try:
+            yield
+        finally:
+            if fcntl is None:
+                msvcrt.locking(handle, msvcrt.LK_UNLCK, 1)
+    finally:
+        os.close(handle)
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -231,6 +344,28 @@ def unflatten_state(skeleton, tensors: dict[str, torch.Tensor]):
 
 
 # -- checkpoints --------------------------------------------------------------------------------
+#
+# A run owns its checkpoints: each carries the run's id in resume.json, and a resumed run continues
+# its checkpoint's id. The checkpoints folder of a name holds one run's checkpoints at a time: a save
+# first moves those of any other run (an earlier run of the same name, or one in another process) into
+# `checkpoints/run-<its id>/`, where they stay loadable. Pruning sees only the saving run's checkpoints.
+# Saves into one checkpoints folder take turns, across processes, by a lock file beside it.
+
+LOCK_FILE = ".checkpoints.lock"
+UNKNOWN_RUN = "unknown"  # checkpoints of versions before run ids
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be resumed (damaged, or made by another kind of run); says which and why."""
+
+
+class SaveFailed(OSError):
+    """The finished LoRA could not be written; the message names what was saved in its place."""
+
+
+def new_run_id() -> str:
+    """When the run started and a random part: readable, sortable, and unique across processes."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
 def checkpoints_folder(save: SaveConfig) -> Path:
@@ -241,39 +376,99 @@ def checkpoint_lora_name(name: str, step: int) -> str:
     return f"{name}-step{step:06d}.safetensors"
 
 
-def save_checkpoint(trainer: Trainer, save: SaveConfig, started_at: float) -> Path:
-    """Writes the checkpoint of the trainer's current step, keeps the last `save.keep_last`, and
-    returns its folder."""
+def run_settings(trainer: Trainer) -> dict:
+    """What a checkpoint must match to resume into `trainer`: the weights' model and shapes, the
+    optimizer's state layout and the gradient scaler's (fp16)."""
+    return {"model": trainer.family.base_model_version, "rank": trainer.lora_config.rank,
+            "optimizer": trainer.config.optimizer, "precision": trainer.config.precision}
+
+
+def save_checkpoint(trainer: Trainer, save: SaveConfig, started_at: float, run_id: str) -> Path:
+    """Writes the checkpoint of the trainer's current step for run `run_id`, keeps that run's last
+    `save.keep_last`, and returns its folder. Weights that are not finite are never saved."""
     root = checkpoints_folder(save)
-    root.mkdir(parents=True, exist_ok=True)
     step = trainer.state.step
-    final = root / f"step-{step:06d}"
-    staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}.", suffix=".tmp"))
-    try:
-        write_lora(staging / checkpoint_lora_name(save.name, step), trainer, save, started_at)
-        state = {"network": trainer.network.state_dict(), "trainer": trainer.resume_state()}
-        skeleton, tensors = flatten_state(state)
-        write_safetensors_atomic(staging / "resume.safetensors", tensors)
-        write_json_atomic(staging / "resume.json", {"format": RESUME_FORMAT, "step": step, "state": skeleton})
-        _move_into_place(staging, final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    _prune(root, save.keep_last)
+    _refuse_non_finite(trainer, root, run_id)
+    with _locked(root.parent / LOCK_FILE):
+        root.mkdir(parents=True, exist_ok=True)
+        # No save runs while the lock is held: staging folders found now were left by killed ones.
+        for leftover in root.glob(".step-*.tmp"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        _move_other_runs_aside(root, run_id)
+        final = root / f"step-{step:06d}"
+        staging = _make_temp_folder(root, f".{final.name}.")
+        try:
+            write_lora(staging / checkpoint_lora_name(save.name, step), trainer, save, started_at)
+            state = {"network": trainer.network.state_dict(), "trainer": trainer.resume_state()}
+            skeleton, tensors = flatten_state(state)
+            write_safetensors_atomic(staging / "resume.safetensors", tensors)
+            header = {"format": RESUME_FORMAT, "run": run_id, "step": step, "settings": run_settings(trainer)}
+            write_json_atomic(staging / "resume.json", header | {"state": skeleton})
+            _move_into_place(staging, final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        _prune(root, run_id, save.keep_last)
     log.info("saved the checkpoint of step %d to %s", step, final)
     return final
+
+
+def _refuse_non_finite(trainer: Trainer, root: Path, run_id: str) -> None:
+    if all_finite(trainer.network):
+        return
+    good = [path for path in newest_first(root, root / f"run-{run_id}") if run_of(path) == run_id]
+    kept = f"the last good checkpoint, {good[0]}, is kept" if good else "no earlier checkpoint of this run was saved"
+    raise FloatingPointError(
+        f"the LoRA's weights are not finite (NaN or inf) at step {trainer.state.step}, so they were not saved; "
+        f"{kept}. Lower train.learning_rate (or use precision bf16/fp32) and resume from a good checkpoint"
+    )
 
 
 def _move_into_place(staging: Path, final: Path) -> None:
     # A folder cannot be renamed over a non-empty one: an earlier save of this step moves aside first.
     replaced = None
     if final.exists():
-        replaced = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.replaced.", suffix=".tmp"))
+        replaced = _make_temp_folder(final.parent, f".{final.name}.replaced.")
         os.replace(final, replaced / final.name)
     os.replace(staging, final)
     _fsync_folder(final.parent)
     if replaced is not None:
         shutil.rmtree(replaced)
+
+
+def run_of(checkpoint: Path) -> str:
+    """The id of the run that saved `checkpoint` ("unknown" for one without, or unreadable)."""
+    resume_json = checkpoint / "resume.json"
+    try:
+        return _run_in(str(resume_json), resume_json.stat().st_mtime_ns)
+    except OSError:
+        return UNKNOWN_RUN
+
+
+@functools.lru_cache(maxsize=4096)
+def _run_in(resume_json: str, mtime_ns: int) -> str:
+    # Cached by modification time: every save asks it of every checkpoint of the name.
+    try:
+        header = json.loads(Path(resume_json).read_text(encoding="utf-8"))
+        run = header.get("run") if isinstance(header, dict) else None
+    except (OSError, ValueError):
+        run = None
+    return run if isinstance(run, str) and re.fullmatch(r"[\w.-]{1,64}", run) else UNKNOWN_RUN
+
+
+def _move_other_runs_aside(root: Path, run_id: str) -> None:
+    moved: dict[str, list[str]] = {}
+    for checkpoint in list_checkpoints(root):
+        run = run_of(checkpoint)
+        if run != run_id:
+            aside = root / f"run-{run}"
+            aside.mkdir(exist_ok=True)
+            _move_into_place(checkpoint, aside / checkpoint.name)
+            moved.setdefault(run, []).append(checkpoint.name)
+    for run, names in moved.items():
+        log.warning("%s held the checkpoints of another run of this name (%s); they are kept in %s, where "
+                    "resume_from finds them; this run's checkpoints go to %s", root, ", ".join(names),
+                    root / f"run-{run}", root)
 
 
 def list_checkpoints(folder: str | os.PathLike) -> list[Path]:
@@ -285,66 +480,165 @@ def list_checkpoints(folder: str | os.PathLike) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
-def _prune(root: Path, keep_last: int) -> None:
-    """Drops all but the newest `keep_last` checkpoints (0 keeps all) and what crashed saves left."""
-    old = list_checkpoints(root)[:-keep_last] if keep_last else []
-    leftovers = [p for p in root.glob(".step-*.tmp") if p.is_dir()]
-    for path in old + leftovers:
-        shutil.rmtree(path)
+def newest_first(*folders: str | os.PathLike) -> list[Path]:
+    """The checkpoint folders in `folders`, the last saved first (a run resumed from an earlier step
+    saves lower steps after higher ones)."""
+
+    def saved_at(path: Path) -> tuple[int, int]:
+        with contextlib.suppress(OSError):
+            return (path / "resume.json").stat().st_mtime_ns, int(path.name[len("step-"):])
+        return 0, int(path.name[len("step-"):])
+
+    return sorted((p for folder in folders for p in list_checkpoints(folder)), key=saved_at, reverse=True)
+
+
+def _prune(root: Path, run_id: str, keep_last: int) -> None:
+    """Drops all but the last `keep_last` saved checkpoints of run `run_id` (0 keeps all), also those
+    another run of the name moved aside."""
+    if keep_last:
+        for path in [p for p in newest_first(root, root / f"run-{run_id}") if run_of(p) == run_id][keep_last:]:
+            shutil.rmtree(path)
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path:
     """The checkpoint folder `path` names: a checkpoint folder, a file in one, or a run's
-    checkpoints folder (then its newest checkpoint)."""
+    checkpoints folder (then the checkpoint saved last there)."""
     path = Path(path)
     folder = path.parent if path.is_file() else path
     if (folder / "resume.json").is_file():
         return folder
-    found = list_checkpoints(folder)
+    found = newest_first(folder)
     if not found:
         raise FileNotFoundError(
             f"no checkpoint at {path}: name a step-NNNNNN folder (it holds resume.json), "
             "a file in one, or the run's checkpoints folder"
         )
-    return found[-1]
+    return found[0]
+
+
+@dataclass
+class Checkpoint:
+    folder: Path
+    run: str
+    settings: dict | None  # None for checkpoints of versions before they were recorded
+    weights: dict[str, torch.Tensor]
+    state: dict
+
+
+def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """The checkpoint `path` names, read whole; a damaged one raises CheckpointError naming its folder."""
+    folder = find_checkpoint(path)
+
+    def damaged(what: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint {folder} is damaged: {what}; resume from another checkpoint")
+
+    try:
+        header = json.loads((folder / "resume.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise damaged(f"resume.json cannot be read ({error})") from None
+    if not isinstance(header, dict) or not isinstance(header.get("state"), dict):
+        raise damaged("resume.json does not hold a resume state")
+    if header.get("format") != RESUME_FORMAT:
+        raise CheckpointError(
+            f"checkpoint {folder}: resume state format {header.get('format')!r}; this version reads {RESUME_FORMAT}"
+        )
+    try:
+        tensors = safetensors.torch.load_file(folder / "resume.safetensors")
+    except (OSError, safetensors.SafetensorError) as error:
+        raise damaged(f"resume.safetensors cannot be read ({error})") from None
+    try:
+        state = unflatten_state(header["state"], tensors)
+        weights, trainer_state = state["network"], state["trainer"]
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise damaged(f"resume.json and resume.safetensors do not fit together (missing {error})") from None
+    if not isinstance(weights, dict) or not isinstance(trainer_state, dict):
+        raise damaged("resume.json does not hold a resume state")
+    settings = header.get("settings")
+    return Checkpoint(folder, run_of(folder), settings if isinstance(settings, dict) else None, weights,
+                      trainer_state)
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     """(LoRA network state dict, Trainer resume state) of the checkpoint `path` names."""
-    folder = find_checkpoint(path)
-    header = json.loads((folder / "resume.json").read_text(encoding="utf-8"))
-    if header.get("format") != RESUME_FORMAT:
-        raise ValueError(f"{folder}: resume state format {header.get('format')!r}; this version reads {RESUME_FORMAT}")
-    state = unflatten_state(header["state"], safetensors.torch.load_file(folder / "resume.safetensors"))
-    return state["network"], state["trainer"]
+    checkpoint = read_checkpoint(path)
+    return checkpoint.weights, checkpoint.state
 
 
-def resume(trainer: Trainer, path: str | os.PathLike) -> Path:
+def _check_fits(trainer: Trainer, checkpoint: Checkpoint) -> None:
+    """Raises CheckpointError unless `checkpoint` can be loaded into `trainer` whole."""
+    folder = checkpoint.folder
+    if checkpoint.settings is not None:
+        wanted = run_settings(trainer)
+        for key, field in (("model", None), ("rank", "lora.rank"), ("optimizer", "train.optimizer"),
+                           ("precision", "train.precision")):
+            theirs, ours = checkpoint.settings.get(key), wanted[key]
+            if theirs == ours:
+                continue
+            if field is None:
+                raise CheckpointError(f"checkpoint {folder} is of a LoRA for {theirs}; this model is {ours}")
+            raise CheckpointError(f"checkpoint {folder} was trained with {field} {theirs!r}, this run uses "
+                                  f"{ours!r}: set {field} to {theirs!r} to resume it")
+    ours = trainer.network.state_dict()
+    theirs = checkpoint.weights
+    if theirs.keys() != ours.keys():
+        missing = sorted(ours.keys() - theirs.keys()) or sorted(theirs.keys() - ours.keys())
+        raise CheckpointError(f"checkpoint {folder} does not fit this LoRA (other targets or model?): "
+                              f"{missing[0]} is in one and not the other")
+    for key, tensor in ours.items():
+        if not isinstance(theirs[key], torch.Tensor) or theirs[key].shape != tensor.shape:
+            shape = tuple(getattr(theirs[key], "shape", ()))
+            raise CheckpointError(f"checkpoint {folder} does not fit this LoRA (other rank or model?): {key} is "
+                                  f"{shape} there, {tuple(tensor.shape)} here")
+    state = checkpoint.state
+    for key in ("step", "samples_seen", "data_epoch", "data_batch"):
+        value = state.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise CheckpointError(f"checkpoint {folder} is damaged: its {key} is {value!r}, not a whole number >= 0")
+    if state["step"] > trainer.config.steps:
+        raise CheckpointError(f"checkpoint {folder} is at step {state['step']}, past this run's "
+                              f"train.steps ({trainer.config.steps}): set steps to {state['step']} or more")
+    for key in ("generator", "caption_generator", "torch_rng"):
+        if not isinstance(state.get(key), torch.Tensor) or state[key].dtype != torch.uint8:
+            raise CheckpointError(f"checkpoint {folder} is damaged: its {key} state is missing")
+    optimizer = state.get("optimizer")
+    groups = optimizer.get("param_groups") if isinstance(optimizer, dict) else None
+    if not isinstance(groups, list) or [len(g.get("params", ())) for g in groups if isinstance(g, dict)] != [
+        len(g["params"]) for g in trainer.optimizer.param_groups
+    ]:
+        raise CheckpointError(f"checkpoint {folder} is damaged: its optimizer state does not fit this LoRA")
+
+
+def resume(trainer: Trainer, path: str | os.PathLike) -> Checkpoint:
     """Continues `trainer` where a checkpoint left off (LoRA weights, optimizer, step, data order,
-    random state); returns the checkpoint folder used. Build the trainer with the run's own LoRA
-    and training configs: the weights must fit, and the schedule follows `steps`."""
-    folder = find_checkpoint(path)
-    weights, state = load_checkpoint(folder)
+    random state); returns the checkpoint used (its folder and run id: a CheckpointHook given it
+    continues that run). Build the trainer with the run's own LoRA and training configs: the weights
+    must fit, and the schedule follows `steps`. Every check comes before the trainer is touched."""
+    checkpoint = read_checkpoint(path)
+    _check_fits(trainer, checkpoint)
+    trainer.network.load_state_dict(checkpoint.weights)
     try:
-        trainer.network.load_state_dict(weights)
-    except RuntimeError as error:
-        raise ValueError(
-            f"checkpoint {folder} does not fit this LoRA (other rank, targets or model?): {error}"
+        trainer.load_resume_state(checkpoint.state)
+    except (KeyError, ValueError, RuntimeError, TypeError) as error:
+        # A checkpoint of an earlier version, which did not record its optimizer: the state of another.
+        raise CheckpointError(
+            f"checkpoint {checkpoint.folder} does not fit this run's optimizer ({type(error).__name__}: {error}); "
+            "resume with the optimizer it was trained with"
         ) from None
-    trainer.load_resume_state(state)
-    log.info("resumed at step %d from %s", trainer.state.step, folder)
-    return folder
+    log.info("resumed at step %d from %s", trainer.state.step, checkpoint.folder)
+    return checkpoint
 
 
 class CheckpointHook(JobHook):
     """Saves what a run leaves behind: a checkpoint every `save.every` steps and, when the run
     stops early (Cancel), a last one to resume from; a finished run's LoRA goes into ComfyUI's
-    loras folder. Each save is reported as a "saved" event."""
+    loras folder. Each save is reported as a "saved" event. `resumed` (what `resume` returned)
+    continues that checkpoint's run; without it, this is a new run with an id of its own."""
 
-    def __init__(self, save: SaveConfig, started_at: float | None = None):
+    def __init__(self, save: SaveConfig, started_at: float | None = None, resumed: Checkpoint | None = None):
         self.save = save
         self.every = save.every
         self.started_at = time.time() if started_at is None else started_at
+        self.run_id = resumed.run if resumed is not None and resumed.run != UNKNOWN_RUN else new_run_id()
 
     def on_step(self, trainer: Trainer) -> list[Event]:
         return [self._checkpoint(trainer)]
@@ -353,12 +647,39 @@ class CheckpointHook(JobHook):
         # A cancel that lands on the last step still finished the run.
         if trainer.state.step < trainer.config.steps:
             return [self._checkpoint(trainer)]
-        name = save_lora(trainer, self.save, self.started_at)
-        data = {"kind": "lora", "name": name, "path": str(loras_folder() / name), "step": trainer.state.step}
-        return [Event("saved", data)]
+
+        def write() -> list[Event]:
+            name = save_lora(trainer, self.save, self.started_at)
+            data = {"kind": "lora", "name": name, "path": str(loras_folder() / name), "step": trainer.state.step}
+            return [Event("saved", data)]
+
+        return self._write_final(trainer, write)
+
+    def _write_final(self, trainer: Trainer, write: Callable[[], list[Event]]) -> list[Event]:
+        """Runs `write()`, which writes the finished LoRA; when that fails (a full disk), saves a
+        checkpoint of the last step instead, so that nothing trained is lost, and raises naming it."""
+        try:
+            return write()
+        except (OSError, safetensors.SafetensorError) as error:
+            lora_error = error
+        step = trainer.state.step
+        try:
+            checkpoint = self._checkpoint(trainer).data["path"]
+        except (OSError, safetensors.SafetensorError) as error:
+            root = checkpoints_folder(self.save)
+            own = [p for p in newest_first(root, root / f"run-{self.run_id}") if run_of(p) == self.run_id]
+            newest = f"the newest checkpoint of this run is {own[0]}" if own else "no checkpoint of this run is saved"
+            raise SaveFailed(
+                f"the LoRA of step {step} could not be written ({lora_error}), nor a checkpoint of it ({error}); "
+                f"{newest}. Free disk space and run again"
+            ) from lora_error
+        raise SaveFailed(
+            f"the LoRA of step {step} could not be written ({lora_error}); the trained weights are saved in the "
+            f"checkpoint {checkpoint}. Free disk space and resume from it: the run then writes the LoRA at once"
+        ) from lora_error
 
     def _checkpoint(self, trainer: Trainer) -> Event:
-        folder = save_checkpoint(trainer, self.save, self.started_at)
+        folder = save_checkpoint(trainer, self.save, self.started_at, self.run_id)
         step = trainer.state.step
         lora = folder / checkpoint_lora_name(self.save.name, step)
         return Event("saved", {"kind": "checkpoint", "path": str(folder), "lora": str(lora), "step": step})

@@ -167,15 +167,19 @@ class FinalLoraHook(export.CheckpointHook):
     """Checkpoints as the nodes write them; the finished LoRA goes to `lora_path`, not into ComfyUI's
     loras folder (a command-line run may have none it should write to)."""
 
-    def __init__(self, save: SaveConfig, lora_path: Path):
-        super().__init__(save)
+    def __init__(self, save: SaveConfig, lora_path: Path, resumed: export.Checkpoint | None = None):
+        super().__init__(save, resumed=resumed)
         self.lora_path = lora_path
 
     def on_end(self, trainer: Trainer, cancelled: bool) -> list[Event]:
         if trainer.state.step < trainer.config.steps:
             return super().on_end(trainer, cancelled)
-        export.write_lora(self.lora_path, trainer, self.save, self.started_at)
-        return [Event("saved", {"kind": "lora", "path": str(self.lora_path), "step": trainer.state.step})]
+
+        def write() -> list[Event]:
+            export.write_lora(self.lora_path, trainer, self.save, self.started_at)
+            return [Event("saved", {"kind": "lora", "path": str(self.lora_path), "step": trainer.state.step})]
+
+        return self._write_final(trainer, write)
 
 
 def train(config: ResolvedConfig, resume: bool, command: str) -> int:
@@ -217,14 +221,15 @@ def train_process(config: ResolvedConfig, resume: bool, command: str, rank: int,
     if first:
         distributed.barrier()
     trainer = trainer_class(models.patcher, samples, lora, train_config)
+    resumed = None
     if checkpoint is not None:
         try:
-            export.resume(trainer, checkpoint)
+            resumed = export.resume(trainer, checkpoint)
         except ValueError as error:
             raise config.error("name", f"--resume: {error}") from None
     hooks = []
     if first:
-        hooks.append(FinalLoraHook(save, run_folder / f"{save.name}.safetensors"))
+        hooks.append(FinalLoraHook(save, run_folder / f"{save.name}.safetensors", resumed))
         if settings is not None:
             encoded, every = encode_prompts(models.clip, settings), values["sample"]["sample_every"]
             hooks.append(SampleHook(models.vae, encoded, settings, every, run_folder / "samples"))

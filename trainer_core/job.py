@@ -51,6 +51,19 @@ class TrainingFailed(RuntimeError):
     pass
 
 
+class OutOfMemory(RuntimeError):
+    """A step ran out of memory; the message says what was saved and which settings need less."""
+
+
+# What a run holds in memory, by the settings that lower it (the node's name / lora-train's key).
+MEMORY_SETTINGS = (
+    "store the model's weights in fp8 (Load Base Model's weight_dtype / model.quantize)",
+    "turn gradient_checkpointing on",
+    "lower batch_size or the dataset's resolution",
+    "make the previews smaller (sample_size / sample.width and sample.height)",
+)
+
+
 class TrainingJob:
     def __init__(self, trainer: Trainer, hooks: list[JobHook] | None = None):
         self.trainer = trainer
@@ -119,17 +132,33 @@ class TrainingJob:
         self._events.put(Event("started", {"step": trainer.state.step, "total_steps": trainer.config.steps,
                                            "compiling": trainer.compiles_blocks}))
         try:
+            out_of_memory = ""
             try:
                 self.trainer.run(self._between_steps)
             except comfy.model_management.InterruptProcessingException:
                 # ComfyUI's ops check its Cancel flag (and clear it) inside the model's forward: the
                 # step in flight is dropped, and the run ends as cancelled at the last whole step.
                 self._cancel.set()
+            except torch.OutOfMemoryError as error:
+                # As a Cancel: the step in flight is dropped and the last whole step saved; the
+                # error (and the memory its traceback holds) is let go before the hooks save.
+                out_of_memory = str(error).strip().splitlines()[0] if str(error).strip() else "out of memory"
+                self._cancel.set()
             cancelled = self._cancel.is_set()
+            ended = []
             with self._paused():
                 for hook in self.hooks:
-                    self._emit(hook.on_end(self.trainer, cancelled))
+                    events = hook.on_end(self.trainer, cancelled)
+                    ended += events
+                    self._emit(events)
+            if out_of_memory:
+                raise OutOfMemory(self._out_of_memory_message(out_of_memory, ended))
             self._events.put(Event("done", {"cancelled": cancelled, "step": self.trainer.state.step}))
+        except OutOfMemory as error:
+            self._error = error
+            self._traceback = ""
+            log.error("%s", error)
+            self._events.put(Event("error", {"message": str(error), "traceback": ""}))
         except BaseException as error:  # noqa: BLE001 - handed to the caller in result()
             self._error = error
             self._traceback = traceback.format_exc()
@@ -137,6 +166,14 @@ class TrainingJob:
             self._events.put(Event("error", {"message": str(error), "traceback": self._traceback}))
         finally:
             self.trainer.release()
+
+    def _out_of_memory_message(self, error: str, saved: list[Event]) -> str:
+        step = self.trainer.state.step
+        checkpoints = [e.data["path"] for e in saved if e.kind == "saved" and e.data.get("kind") == "checkpoint"]
+        kept = (f"the last whole step, {step}, is saved in {checkpoints[-1]}" if checkpoints
+                else f"the run stopped at step {step}, and no checkpoint was saved")
+        return (f"out of memory in step {step + 1} ({error}); {kept}. To fit, " + "; or ".join(MEMORY_SETTINGS)
+                + (", then resume from that checkpoint" if checkpoints else ""))
 
     def _between_steps(self, trainer: Trainer, reports: list[StepReport]) -> bool:
         for report in reports:

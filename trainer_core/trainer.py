@@ -9,6 +9,8 @@ import contextlib
 import importlib.util
 import logging
 import math
+import sys
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -390,8 +392,13 @@ class Trainer:
                 total += loss / cfg.gradient_accumulation
                 self.state.samples_seen += latents.shape[0]
         except BaseException:
-            # A step that does not finish (ComfyUI's Cancel raises inside the model's forward)
-            # leaves no trace, so a checkpoint saved next resumes exactly where it would have gone on.
+            # A step that does not finish (ComfyUI's Cancel raises inside the model's forward, or CUDA
+            # runs out of memory) leaves no trace, so a checkpoint saved next resumes exactly where it
+            # would have gone on. The failed frames' locals go now, on this thread: the step's graph and
+            # activations (memory a checkpoint saved next may need), and contexts the model left open
+            # (torch < 2.12's checkpoint keeps its saved-tensor hooks pushed in a suspended generator,
+            # whose cleanup on another thread fails with "SavedTensorHooks ... INTERNAL ASSERT FAILED").
+            traceback.clear_frames(sys.exc_info()[2])
             self.optimizer.zero_grad(set_to_none=True)
             self._restore_progress(before)
             raise
