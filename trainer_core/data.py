@@ -27,6 +27,11 @@ reused across runs: latents by image bytes, bucket, flip and VAE; embeddings by 
 and weights and the text encoder. They hold the VAE's and text encoders' raw outputs, so one cache
 serves every family and bucket: ComfyUI's latent format and the family's conditioning are applied
 after loading. Entries are never deleted; removing the folder is safe.
+
+Each entry's header records its own name, the tensors it must hold and a hash of their content; an
+entry that does not match (damaged bytes, another entry's file, a missing tensor, a folder in its
+place, an unreadable file) is computed again and rewritten, with a warning naming it. Nothing of a
+caption's text is stored: its entry is named by a hash of its tokens and logged by a hash of its text.
 """
 
 import hashlib
@@ -36,6 +41,7 @@ import math
 import os
 import random
 import re
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,7 +69,7 @@ BUCKET_STEP = 64
 MAX_CHUNKS = 3
 DEFAULT_CACHE_FOLDER = "lora_trainer_cache"
 # Bump when what a cache entry holds, or how it is computed, changes.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 # Values sampled from each weight tensor for a model's fingerprint.
 FINGERPRINT_SAMPLES = 64
 # EXIF orientations that turn the image by 90 degrees, swapping width and height.
@@ -321,28 +327,71 @@ def text_encoder_fingerprint(clip) -> str:
 
 
 class TensorCache:
-    """Tensors in safetensors files named by the hash of a key, under one folder."""
+    """Tensors in safetensors files named by the hash of a key, under one folder. An entry's header
+    holds its name, its tensors' names and a hash of their content, checked on every read."""
 
     def __init__(self, folder: Path):
         self.folder = folder
         self.hits = 0
         self.misses = 0
 
-    def get(self, key: dict, compute: Callable[[], dict[str, torch.Tensor]], source: str) -> dict[str, torch.Tensor]:
-        """The tensors stored under `key`, or those `compute()` returns, then stored."""
+    def get(self, key: dict, compute: Callable[[], dict[str, torch.Tensor]], required: tuple[str, ...],
+            label: str) -> dict[str, torch.Tensor]:
+        """The tensors `required` stored under `key`, or those `compute()` returns, then stored. `label`
+        names the entry in warnings."""
         name = hashlib.sha256(json.dumps({"version": CACHE_VERSION, **key}, sort_keys=True).encode()).hexdigest()
         path = self.folder / f"{name}.safetensors"
-        if path.is_file():
-            try:
-                tensors = safetensors.torch.load_file(path)
+        if os.path.lexists(path):
+            tensors, problem = _read_entry(path, name, required)
+            if problem is None:
                 self.hits += 1
                 return tensors
-            except (OSError, safetensors.SafetensorError) as error:
-                log.warning("dataset: cache file %s is unreadable (%s); computing it again", path, error)
+            log.warning("dataset: cache entry %s (%s) %s; computing it again", path, label, problem)
+            _clear_entry(path)
         tensors = {k: v.detach().cpu().contiguous() for k, v in compute().items()}
-        write_safetensors_atomic(path, tensors, {"source": source})
+        metadata = {"entry": name, "tensors": ",".join(sorted(tensors)), "sha256": content_hash(tensors)}
+        write_safetensors_atomic(path, tensors, metadata)
         self.misses += 1
         return tensors
+
+
+def content_hash(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of every tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _read_entry(path: Path, name: str, required: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], str | None]:
+    """(tensors, None) of a sound entry; else ({}, what is wrong with it)."""
+    if not path.is_file():
+        return {}, "is not a file"
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as file:
+            metadata = file.metadata() or {}
+            tensors = {key: file.get_tensor(key) for key in file.keys()}
+    # What a damaged header raises varies with the damage (the library's own error, or a decoding
+    # error of its JSON); each means the same here: the entry is not usable.
+    except (OSError, ValueError, RuntimeError, safetensors.SafetensorError) as error:
+        return {}, f"is unreadable ({error})"
+    if metadata.get("entry") != name:
+        return {}, "holds another entry's tensors, or has no integrity record"
+    if sorted(tensors) != sorted(required) or metadata.get("tensors") != ",".join(sorted(required)):
+        return {}, f"holds {', '.join(sorted(tensors)) or 'no tensors'}, not {', '.join(sorted(required))}"
+    if metadata.get("sha256") != content_hash(tensors):
+        return {}, "does not match its content hash (damaged)"
+    return tensors, None
+
+
+def _clear_entry(path: Path) -> None:
+    """Removes what stands where an entry is written: a folder cannot be replaced by a file."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 # -- building samples ----------------------------------------------------------------------------
@@ -412,7 +461,7 @@ def _encode_images(vae, placed, flips, cache: TensorCache, progress) -> dict[tup
             def encode(entry=entry, bucket=bucket, flip=flip):
                 return {"latents": vae.encode(load_pixels(entry.path, bucket, flip))[0]}
 
-            latents[entry.name, flip] = cache.get(key, encode, entry.name)["latents"]
+            latents[entry.name, flip] = cache.get(key, encode, ("latents",), entry.name)["latents"]
             progress.update(1)
     return latents
 
@@ -430,7 +479,8 @@ def _encode_captions(clip, texts: list[str], cache: TensorCache, progress) -> di
             cond, pooled = clip.encode_from_tokens(tokens[text], return_pooled=True)
             return {"cond": cond[0], "pooled": pooled[0]}
 
-        stored = cache.get({"tokens": tokens[text], "encoder": encoder_key}, encode, text)
+        label = f"caption sha256 {hashlib.sha256(text.encode()).hexdigest()[:16]}"
+        stored = cache.get({"tokens": tokens[text], "encoder": encoder_key}, encode, ("cond", "pooled"), label)
         embeddings[text] = (stored["cond"].unsqueeze(0), stored["pooled"].unsqueeze(0))
         progress.update(1)
     return embeddings
