@@ -7,6 +7,7 @@ page reloaded mid-run needs to redraw the chart and the gallery. Records of fini
 newest few) so a page opened after a run still shows it.
 """
 
+import json
 import re
 import threading
 import time
@@ -23,6 +24,8 @@ KEPT_RUNS = 16
 # ComfyUI's node ids: digits, and "parent:child" inside subgraphs.
 NODE_ID = re.compile(r"[0-9A-Za-z_:.-]{1,64}")
 RUN_ID = re.compile(r"[0-9a-f]{32}")
+# A panel action's body is {"run_id": "<32 hex digits>"}; nothing longer is read.
+MAX_BODY_BYTES = 16 * 1024
 
 
 class RunRecord:
@@ -103,10 +106,11 @@ class RunRecord:
         with self._lock:
             return next((save["name"] for save in reversed(self.saves) if save["kind"] == "lora"), "")
 
-    def request_save(self) -> None:
-        """A checkpoint at the next step boundary, as the periodic ones are."""
+    def request_save(self) -> bool:
+        """A checkpoint at the next step boundary, as the periodic ones are; False where one is
+        already asked for (requests before a step boundary make one checkpoint)."""
         self.save_requested = True
-        self.job.request(self.checkpoint_hook)
+        return self.job.request(self.checkpoint_hook)
 
     def _view_reference(self, path: str) -> dict | None:
         """Where ComfyUI's /view serves a file of the output folder; None for a file elsewhere,
@@ -179,8 +183,8 @@ def running_run(body) -> RunRecord:
 
 def save_now(body) -> dict:
     run = running_run(body)
-    run.request_save()
-    return {"run_id": run.run_id, "status": run.status, "save_requested": True}
+    queued = run.request_save()
+    return {"run_id": run.run_id, "status": run.status, "save_requested": True, "already_requested": not queued}
 
 
 def stop_and_save(body) -> dict:
@@ -188,6 +192,28 @@ def stop_and_save(body) -> dict:
     run = running_run(body)
     run.job.cancel()
     return {"run_id": run.run_id, "status": run.status, "stopping": True}
+
+
+async def json_body(request):
+    """The request's JSON body, or None for one that is not JSON (the action then says what to send).
+    Raises a 413 for a body over MAX_BODY_BYTES, read no further than that."""
+    too_large = RequestError(413, f"the body is larger than {MAX_BODY_BYTES // 1024} KiB; "
+                                  'send {"run_id": "<the run id from /lora_trainer/status>"}')
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        raise too_large
+    raw = bytearray()
+    while len(raw) <= MAX_BODY_BYTES:
+        chunk = await request.content.read(MAX_BODY_BYTES + 1 - len(raw))
+        if not chunk:
+            break
+        raw += chunk
+    if len(raw) > MAX_BODY_BYTES:
+        raise too_large
+    try:
+        return json.loads(raw.decode("utf-8"))
+    # Not UTF-8, not JSON, or nested deeper than the parser recurses.
+    except (ValueError, RecursionError):
+        return None
 
 
 def register_routes(routes) -> None:
@@ -200,11 +226,7 @@ def register_routes(routes) -> None:
                 if request.method == "GET":
                     result = action(dict(request.query))
                 else:
-                    try:
-                        body = await request.json()
-                    except ValueError:
-                        body = None
-                    result = action(body)
+                    result = action(await json_body(request))
             except RequestError as error:
                 return web.json_response({"error": str(error)}, status=error.status)
             return web.json_response(result)

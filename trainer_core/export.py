@@ -639,6 +639,7 @@ class CheckpointHook(JobHook):
         self.every = save.every
         self.started_at = time.time() if started_at is None else started_at
         self.run_id = resumed.run if resumed is not None and resumed.run != UNKNOWN_RUN else new_run_id()
+        self.saved_step: int | None = None
 
     def on_step(self, trainer: Trainer) -> list[Event]:
         return [self._checkpoint(trainer)]
@@ -646,7 +647,8 @@ class CheckpointHook(JobHook):
     def on_end(self, trainer: Trainer, cancelled: bool) -> list[Event]:
         # A cancel that lands on the last step still finished the run.
         if trainer.state.step < trainer.config.steps:
-            return [self._checkpoint(trainer)]
+            # A save asked for at this very step has written its checkpoint already.
+            return [] if self.saved_step == trainer.state.step else [self._checkpoint(trainer)]
 
         def write() -> list[Event]:
             name = save_lora(trainer, self.save, self.started_at)
@@ -680,7 +682,7 @@ class CheckpointHook(JobHook):
 
     def _checkpoint(self, trainer: Trainer) -> Event:
         folder = save_checkpoint(trainer, self.save, self.started_at, self.run_id)
-        step = trainer.state.step
+        step = self.saved_step = trainer.state.step
         lora = folder / checkpoint_lora_name(self.save.name, step)
         return Event("saved", {"kind": "checkpoint", "path": str(folder), "lora": str(lora), "step": step})
 

@@ -10,6 +10,7 @@ previews in `<training_folder>/<name>/samples/`, the finished LoRA as
 
 import contextlib
 import logging
+import math
 import sys
 import tempfile
 import time
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 EXIT_FAILED, EXIT_INTERRUPTED = 1, 130
 NOISE_SCHEDULER_OF = {"sdxl": "ddpm", "sd3": "flowmatch", "flux": "flowmatch"}
 FLOAT8 = torch.float8_e4m3fn
+MAX_ETA_DAYS = 9999
 
 # Engine config field -> the short-form key it comes from, so the engine's own checks name the YAML line.
 LORA_KEYS = {"rank": "network.linear", "alpha": "network.linear_alpha", "dropout": "network.dropout"}
@@ -102,28 +104,46 @@ def load_models(config: ResolvedConfig) -> Models:
     is_checkpoint = not model["text_encoder_paths"]
     if not is_checkpoint and not model["vae_path"]:
         raise config.error("model.vae_path", "a diffusion-model file (with text_encoder_paths) needs a VAE file")
+    hint = ("for a diffusion-model file give model.text_encoder_paths and model.vae_path" if is_checkpoint
+            else "give the diffusion model's own file here")
     try:
-        patcher, clip, vae, family = loading.load_diffusion_model(path, is_checkpoint, FLOAT8 if model["quantize"]
-                                                                  else None)
+        with loader_of(config, "model.name_or_path", path, "a checkpoint" if is_checkpoint else "a diffusion model",
+                       hint):
+            patcher, clip, vae, family = loading.load_diffusion_model(
+                path, is_checkpoint, FLOAT8 if model["quantize"] else None)
     except UnsupportedModelError as error:
         raise config.error("model.name_or_path", str(error)) from None
-    except RuntimeError as error:
-        if not is_checkpoint:
-            raise
-        raise config.error("model.name_or_path", f"{error}; for a diffusion-model file give "
-                           "model.text_encoder_paths and model.vae_path") from None
     for flag, claimed in FAMILY_FLAGS.items():
         if model[flag] and claimed != family:
             raise config.error(f"model.{flag}", f"says {claimed}, but the weights in {path} are {family}")
     if model["text_encoder_paths"]:
-        clip = loading.load_text_encoders(model["text_encoder_paths"], family)
+        hint = f"give {family}'s text encoder files, in ComfyUI's loader order"
+        for index, file in enumerate(model["text_encoder_paths"]):
+            with loader_of(config, f"model.text_encoder_paths[{index}]", file, "a text encoder", hint):
+                loading.check_weights_file(file)
+        with loader_of(config, "model.text_encoder_paths", "these files", f"{family}'s text encoders", hint):
+            clip = loading.load_text_encoders(model["text_encoder_paths"], family)
     if model["vae_path"]:
-        vae = loading.load_vae(model["vae_path"])
+        with loader_of(config, "model.vae_path", model["vae_path"], "a VAE", f"give {family}'s VAE file"):
+            vae = loading.load_vae(model["vae_path"])
     if clip is None or vae is None:
         raise config.error("model.name_or_path", f"{path} holds no {'text encoders' if clip is None else 'VAE'}; "
                            "give model.text_encoder_paths and model.vae_path")
     log.info("model: %s (%s)", path, family)
     return Models(patcher, clip, vae, family)
+
+
+@contextlib.contextmanager
+def loader_of(config: ResolvedConfig, key: str, path: str, what: str, hint: str):
+    """Raises a failure of ComfyUI's loaders on the file at `key` as an error of that key, saying
+    what the file could not be loaded as; running out of memory is not the file's fault."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, UnsupportedModelError):
+        raise
+    except Exception as error:  # noqa: BLE001 - whatever a loader raises on a file, the file is wrong
+        first_line = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise config.error(key, f"{path} cannot be loaded as {what} ({first_line}): {hint}") from None
 
 
 def sample_settings(config: ResolvedConfig, models: Models) -> SampleSettings | None:
@@ -150,17 +170,24 @@ class TerminalProgress:
         if event.kind == "started" and data["compiling"]:
             log.info("compiling the model's blocks: the first step takes a minute or two")
         elif event.kind == "step":
-            eta = data["eta_seconds"]
-            eta_text = str(timedelta(seconds=round(eta))) if eta is not None else "?"
             self.stream.write(
                 f"step {data['step']}/{data['total_steps']}  loss {data['loss']:.4f}  lr {data['lr']:.2e}  "
-                f"{data['images_per_second']:.2f} img/s  ETA {eta_text}\n"
+                f"{data['images_per_second']:.2f} img/s  ETA {eta_text(data['eta_seconds'])}\n"
             )
             self.stream.flush()
         elif event.kind == "sample":
             log.info("samples of step %d: %s", data["step"], ", ".join(data["files"]))
         elif event.kind == "saved" and data["kind"] == "lora":  # export logs the checkpoints it saves
             log.info("saved the LoRA of step %d to %s", data["step"], data["path"])
+
+
+def eta_text(seconds: float | None) -> str:
+    """h:mm:ss, or days; "?" before there is a rate. A very slow run's ETA stays text, never an overflow."""
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    if seconds >= MAX_ETA_DAYS * 86400:
+        return f"more than {MAX_ETA_DAYS} days"
+    return str(timedelta(seconds=round(seconds)))
 
 
 class FinalLoraHook(export.CheckpointHook):

@@ -70,7 +70,9 @@ class TrainingJob:
         self.hooks = hooks or []
         self._events: queue.Queue[Event] = queue.Queue()
         self._cancel = threading.Event()
-        self._requests: queue.Queue[JobHook] = queue.Queue()
+        # Hooks asked to run at the next step boundary, each once however often it was asked.
+        self._requested: list[JobHook] = []
+        self._requests_lock = threading.Lock()
         self._error: BaseException | None = None
         self._traceback = ""
         self._thread = threading.Thread(target=self._main, name="lora-training", daemon=True)
@@ -87,9 +89,14 @@ class TrainingJob:
         """Stops at the next step boundary; the `on_end` hooks still run (cancelled=True)."""
         self._cancel.set()
 
-    def request(self, hook: JobHook) -> None:
-        """Runs `hook.on_step` once at the next step boundary (e.g. "save now")."""
-        self._requests.put(hook)
+    def request(self, hook: JobHook) -> bool:
+        """Runs `hook.on_step` once at the next step boundary (e.g. "save now"). Requests of one hook
+        before that boundary are one; returns False for a request already made."""
+        with self._requests_lock:
+            if hook in self._requested:
+                return False
+            self._requested.append(hook)
+            return True
 
     @property
     def running(self) -> bool:
@@ -180,8 +187,10 @@ class TrainingJob:
             self._events.put(Event("step", self._step_data(report)))
         step = trainer.state.step
         due = [hook for hook in self.hooks if hook.every and step % hook.every == 0 and step < trainer.config.steps]
-        while not self._requests.empty():
-            due.append(self._requests.get())
+        with self._requests_lock:
+            requested, self._requested = self._requested, []
+        # A hook that is due anyway runs once at this step.
+        due += [hook for hook in requested if hook not in due]
         if due:
             with self._paused():
                 for hook in due:

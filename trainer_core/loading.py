@@ -2,6 +2,7 @@
 
 import comfy.sd
 import comfy.utils
+import safetensors
 import torch
 
 from .config import TrainConfig
@@ -34,3 +35,11 @@ def load_text_encoders(paths: list[str], family: str, embeddings=None):
 
 def load_vae(path: str):
     return comfy.sd.VAE(sd=comfy.utils.load_torch_file(path))
+
+
+def check_weights_file(path: str) -> None:
+    """Raises if `path` is a safetensors file whose header cannot be read; reads only the header,
+    so each file of a list can be told apart before the loader takes them all at once."""
+    if path.lower().endswith((".safetensors", ".sft")):
+        with safetensors.safe_open(path, framework="pt"):
+            pass

@@ -8,10 +8,17 @@ filled in (`ResolvedConfig.values`), which `--print-config` shows.
 The document is composed (`yaml.compose`), not loaded, so every value keeps its line: errors and
 unknown keys are reported as `FILE:LINE: dotted.path: what is wrong`. Relative paths are taken from
 the YAML file's folder. Plain YAML reads `1e-4` as a string; float keys accept such strings.
+
+What the file shows is what is read: a key written twice is an error naming both lines; a value
+reached through an alias (`*name`) where a value or a list of values is expected is refused before it
+is built (an alias of an alias of a list grows exponentially: the "billion laughs"); YAML tags that
+build objects (`!!python/...`) are refused; messages show at most a short prefix of a value.
 """
 
 import logging
+import math
 import re
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +35,18 @@ DTYPE_NAMES = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "f
 # Family flags of ai-toolkit and the family (as detected from the weights) each one claims.
 FAMILY_FLAGS = {"is_flux": "flux", "is_v3": "sd3", "is_xl": "sdxl"}
 NOISE_SCHEDULERS = ("flowmatch", "ddpm", "")
+# A config is a few kilobytes; this bounds what is read, e.g. from a device file given by mistake.
+MAX_CONFIG_BYTES = 1 << 20
+# No integer setting means more (seeds are 32-bit in the nodes); larger ones overflow the libraries.
+MAX_INT = 2**32 - 1
+LIST_KINDS = ("strings", "files", "resolution")
+EXPECTED = {"int": "an integer", "float": "a number", "bool": "true or false",
+            "resolution": "an integer or a list of integers", "strings": "a list of strings",
+            "files": "a list of strings"}
+# Values in messages: a short prefix of a string, the first items of a list.
+SHOWN = reprlib.Repr()
+SHOWN.maxstring = SHOWN.maxother = 80
+SHOWN.maxlist = 4
 
 
 class ConfigFileError(ConfigError):
@@ -44,6 +63,7 @@ class Key:
     choices: tuple | dict = ()
     aliases: tuple[str, ...] = ()
     minimum: float | None = None
+    maximum: float | None = None
 
 
 MODEL = {
@@ -68,9 +88,9 @@ SAVE = {
 }
 TRAIN = {
     "batch_size": Key("int", 1),
-    "steps": Key("int", 1000),
+    "steps": Key("int", 1000, maximum=1_000_000),
     "gradient_accumulation": Key("int", 1, aliases=("gradient_accumulation_steps",)),
-    "lr": Key("float", 1e-4),
+    "lr": Key("float", 1e-4, maximum=1.0),
     "optimizer": Key("str", "adamw8bit", OPTIMIZERS),
     "lr_scheduler": Key("str", "constant", SCHEDULES),
     "warmup_steps": Key("int", 0),
@@ -139,12 +159,7 @@ class ResolvedConfig:
 def load(path: str | Path, strict: bool = False) -> ResolvedConfig:
     """Reads and checks a config file. Unknown keys are logged as warnings, or raised with `strict`."""
     path = Path(path)
-    try:
-        root = yaml.compose(path.read_text(encoding="utf-8"))
-    except OSError as error:
-        raise ConfigFileError(f"{path}: cannot be read ({error})") from None
-    except yaml.YAMLError as error:
-        raise ConfigFileError(f"{path}: is not valid YAML ({error})") from None
+    root = compose_file(path)
     reader = _Reader(ResolvedConfig(path, {}), path.resolve().parent)
     if not isinstance(root, yaml.MappingNode):
         raise ConfigFileError(f"{path}: the file must hold a mapping (the short form, or ai-toolkit's job/config)")
@@ -163,6 +178,52 @@ def load(path: str | Path, strict: bool = False) -> ResolvedConfig:
     return config
 
 
+def compose_file(path: Path) -> yaml.Node | None:
+    """The file's YAML node tree; errors name the line of what cannot be read."""
+    try:
+        with path.open("rb") as file:
+            data = file.read(MAX_CONFIG_BYTES + 1)
+    except OSError as error:
+        raise ConfigFileError(f"{path}: cannot be read ({error})") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigFileError(f"{path}: is larger than {MAX_CONFIG_BYTES >> 20} MiB; is it the YAML config file?")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise ConfigFileError(f"{path}:{line}: byte 0x{data[error.start]:02x} is not UTF-8 text: give the YAML "
+                              "config file, saved as UTF-8") from None
+    try:
+        # Composing builds nodes only: no value is built yet, and an alias is one node however often used.
+        return yaml.compose(text, Loader=_MarkingAliases)
+    except yaml.MarkedYAMLError as error:
+        line = error.problem_mark.line + 1 if error.problem_mark else 1
+        raise ConfigFileError(f"{path}:{line}: is not valid YAML: {error.problem or error}") from None
+    except yaml.YAMLError as error:
+        # The reader's errors (a control character, e.g. of a binary file) give a character position.
+        position = getattr(error, "position", 0)
+        line = text.count("\n", 0, position) + 1
+        raise ConfigFileError(f"{path}:{line}: is not valid YAML: {getattr(error, 'reason', error)}") from None
+
+
+class _MarkingAliases(yaml.SafeLoader):
+    """Composes as the safe loader does, but every use of an alias gives a copy of the anchored node
+    that carries the alias's name and place, so the reader can tell it from the anchored value."""
+
+    def compose_node(self, parent, index):
+        if not self.check_event(yaml.AliasEvent):
+            return super().compose_node(parent, index)
+        alias = self.peek_event()
+        node = super().compose_node(parent, index)
+        marked = type(node)(node.tag, node.value, alias.start_mark, alias.end_mark)
+        marked.alias = alias.anchor
+        return marked
+
+
+def dotted(written: str, name: str) -> str:
+    return f"{written}.{name}" if written and written != "(top level)" else name
+
+
 class _Reader:
     def __init__(self, config: ResolvedConfig, base: Path):
         self.config = config
@@ -178,6 +239,10 @@ class _Reader:
         for key, value in node.value:
             if not isinstance(key, yaml.ScalarNode):
                 raise self.fail(key, written or "(top level)", "keys must be plain names")
+            if key.value in found:
+                first = found[key.value][0].start_mark.line + 1
+                raise self.fail(key, dotted(written, key.value),
+                                f"is written twice, on lines {first} and {key.start_mark.line + 1}: keep one")
             found[key.value] = (key, value)
         return found
 
@@ -201,7 +266,8 @@ class _Reader:
         process = processes.value[0]
         process_items = self.mapping(process, "config.process[0]")
         kind = process_items.pop("type", (None, None))[1]
-        if kind is None or self.construct(kind) != "sd_trainer":
+        # Compared as written, never built: any node but the plain word is refused.
+        if not isinstance(kind, yaml.ScalarNode) or hasattr(kind, "alias") or kind.value != "sd_trainer":
             raise self.fail(kind or process, "config.process[0].type", "must be sd_trainer")
         if "name" in config_items and "name" not in process_items:
             # ai-toolkit names the job under config; the process reads it as its own.
@@ -275,15 +341,36 @@ class _Reader:
             values[name] = self.convert(value_node, written + given[0], key)
         return values
 
-    def construct(self, node: yaml.Node):
-        return self.constructor.construct_object(node, deep=True)
+    def plain_value(self, node: yaml.Node, written: str, key: Key):
+        """The value of a node that holds a value, or for list kinds a list of values, as written:
+        no alias, no other structure, no tag that builds an object. Checked before anything is built."""
+        expected = EXPECTED.get(key.kind, "a string")
+        is_list = isinstance(node, yaml.SequenceNode) and key.kind in LIST_KINDS
+        values = node.value if is_list else [node]
+        for item in [node, *values] if is_list else values:
+            if hasattr(item, "alias"):
+                raise self.fail(item, written, f"is the alias *{item.alias}; aliases are refused where {expected} "
+                                "is expected: write the value itself")
+            # Only the list itself may be other than a scalar.
+            if not (is_list and item is node) and not isinstance(item, yaml.ScalarNode):
+                got = "a list" if isinstance(item, yaml.SequenceNode) else "a mapping"
+                raise self.fail(item, written, f"expected {expected}, got {got}")
+            if item.tag not in SafeConstructor.yaml_constructors:
+                tag = item.tag.replace("tag:yaml.org,2002:", "!!")
+                raise self.fail(item, written, f"the tag {tag} is refused: write a plain value (YAML tags that "
+                                "build objects are not read)")
+        try:
+            return self.constructor.construct_object(node, deep=True)
+        except (yaml.YAMLError, ValueError, TypeError) as error:
+            problem = getattr(error, "problem", None) or error
+            raise self.fail(node, written, f"cannot be read ({problem})") from None
 
     def convert(self, node: yaml.Node, written: str, key: Key):
-        value = self.construct(node)
+        value = self.plain_value(node, written, key)
         kind = key.kind
 
         def wrong(expected: str) -> ConfigFileError:
-            return self.fail(node, written, f"expected {expected}, got {value!r}")
+            return self.fail(node, written, f"expected {expected}, got {SHOWN.repr(value)}")
 
         if kind == "int":
             if isinstance(value, bool) or not isinstance(value, int):
@@ -297,6 +384,8 @@ class _Reader:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise wrong("a number")
             value = float(value)
+            if not math.isfinite(value):
+                raise wrong("a finite number")
         elif kind == "bool":
             if not isinstance(value, bool):
                 raise wrong("true or false")
@@ -318,14 +407,22 @@ class _Reader:
         elif kind in ("file", "folder"):
             value = self.existing(node, written, value, kind) if value else value
         elif kind == "path":
-            value = str(self.base / Path(value).expanduser())
+            path = self.base / Path(value).expanduser()
+            if path.resolve() == Path(path.resolve().anchor):
+                raise self.fail(node, written, f"{SHOWN.repr(value)} is the root of the file system: give a folder "
+                                "for this run's files, e.g. output")
+            value = str(path)
         if key.choices:
             if value not in key.choices:
-                raise self.fail(node, written, f"{value!r} is not one of {', '.join(map(repr, key.choices))}")
+                raise self.fail(node, written, f"{SHOWN.repr(value)} is not one of "
+                                f"{', '.join(map(repr, key.choices))}")
             if isinstance(key.choices, dict):
                 value = key.choices[value]
+        maximum = MAX_INT if kind in ("int", "resolution") and key.maximum is None else key.maximum
         if key.minimum is not None and value < key.minimum:
             raise self.fail(node, written, f"must be >= {key.minimum}, got {value!r}")
+        if maximum is not None and value > maximum:
+            raise self.fail(node, written, f"must be <= {maximum}, got {SHOWN.repr(value)}")
         return value
 
     def existing(self, node: yaml.Node, written: str, value: str, kind: str) -> str:
