@@ -351,14 +351,14 @@ class _Reader:
             if hasattr(item, "alias"):
                 raise self.fail(item, written, f"is the alias *{item.alias}; aliases are refused where {expected} "
                                 "is expected: write the value itself")
-            # Only the list itself may be other than a scalar.
-            if not (is_list and item is node) and not isinstance(item, yaml.ScalarNode):
-                got = "a list" if isinstance(item, yaml.SequenceNode) else "a mapping"
-                raise self.fail(item, written, f"expected {expected}, got {got}")
             if item.tag not in SafeConstructor.yaml_constructors:
                 tag = item.tag.replace("tag:yaml.org,2002:", "!!")
                 raise self.fail(item, written, f"the tag {tag} is refused: write a plain value (YAML tags that "
                                 "build objects are not read)")
+            # Only the list itself may be other than a scalar.
+            if not (is_list and item is node) and not isinstance(item, yaml.ScalarNode):
+                got = "a list" if isinstance(item, yaml.SequenceNode) else "a mapping"
+                raise self.fail(item, written, f"expected {expected}, got {got}")
         try:
             return self.constructor.construct_object(node, deep=True)
         except (yaml.YAMLError, ValueError, TypeError) as error:
