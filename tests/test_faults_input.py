@@ -168,7 +168,7 @@ def send(server: ComfyServer, method: str, path: str, body: bytes | None = None)
 NESTED = b'{"run_id": ' + b"[" * 3000 + b"]" * 3000 + b"}"
 BAD_BODIES = {
     "nested arrays": NESTED,
-    "nested objects": b'{"a": ' * 3000 + b"1" + b"}" * 3000,
+    "nested objects": b'{"a":' * 2000 + b"1" + b"}" * 2000,
     "not UTF-8": b'{"run_id": "\xff\xfe"}',
     "not JSON": b"run_id=1",
     "empty": b"",
@@ -317,7 +317,9 @@ def edited(files: Path, tmp_path: Path, edit) -> Path:
 ])
 def test_a_broken_or_malicious_config_exits_2_naming_file_line_and_key(files, tmp_path, edit, line_text, message):
     path = edited(files, tmp_path, edit)
-    result = lora_train(path)
+    # The root as training folder is asked of --print-config, which reads the config as a run does: a
+    # build without the check would otherwise write into / when this test runs against it.
+    result = lora_train(path, *(["--print-config"] if "root of the file system" in message else []))
     line = line_of(path, line_text) if line_text else None
     refused(result, f"{path}:{line}: {message}" if line else f"{path}:{message}")
     assert not (tmp_path / "PWNED").exists() and not (REPO_ROOT / "PWNED").exists()
