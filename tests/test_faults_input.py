@@ -306,7 +306,7 @@ def edited(files: Path, tmp_path: Path, edit) -> Path:
      "is not valid YAML: special characters are not allowed"),
     (lambda text: text.replace("name: tiny", "name: !!python/object/apply:os.system ['touch PWNED']"), "name:",
      "name: the tag !!python/object/apply:os.system is refused"),
-    (lambda text: text.replace("lr: 0.001", "lr: 1.0e+38"), "lr:", "train.lr: must be <= 1.0, got 1e+38"),
+    (lambda text: text.replace("lr: 0.001", "lr: 1.0e+38"), "lr:", "train.lr: must be <= 10.0, got 1e+38"),
     (lambda text: text.replace("lr: 0.001", "lr: .inf"), "lr:", "train.lr: expected a finite number, got inf"),
     (lambda text: text.replace("steps: 4", "steps: 1000000000000000000000000000000"), "steps:",
      "train.steps: must be <= 1000000, got 1000000000000000000000000000000"),

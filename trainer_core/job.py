@@ -78,6 +78,9 @@ class TrainingJob:
         self._thread = threading.Thread(target=self._main, name="lora-training", daemon=True)
         self._started_at = 0.0
         self._first_step = (0.0, 0, 0)  # (time, step, samples seen) after the first step
+        # (step, folder) of the newest checkpoint a hook saved. A checkpoint hook that saved at the
+        # step a run stops at does not save it again, so the message of that stop names this one.
+        self._last_checkpoint: tuple[int, str] | None = None
 
     # -- control, from any thread ------------------------------------------------------------
 
@@ -152,14 +155,11 @@ class TrainingJob:
                 out_of_memory = str(error).strip().splitlines()[0] if str(error).strip() else "out of memory"
                 self._cancel.set()
             cancelled = self._cancel.is_set()
-            ended = []
             with self._paused():
                 for hook in self.hooks:
-                    events = hook.on_end(self.trainer, cancelled)
-                    ended += events
-                    self._emit(events)
+                    self._emit(hook.on_end(self.trainer, cancelled))
             if out_of_memory:
-                raise OutOfMemory(self._out_of_memory_message(out_of_memory, ended))
+                raise OutOfMemory(self._out_of_memory_message(out_of_memory))
             self._events.put(Event("done", {"cancelled": cancelled, "step": self.trainer.state.step}))
         except OutOfMemory as error:
             self._error = error
@@ -174,13 +174,14 @@ class TrainingJob:
         finally:
             self.trainer.release()
 
-    def _out_of_memory_message(self, error: str, saved: list[Event]) -> str:
+    def _out_of_memory_message(self, error: str) -> str:
         step = self.trainer.state.step
-        checkpoints = [e.data["path"] for e in saved if e.kind == "saved" and e.data.get("kind") == "checkpoint"]
-        kept = (f"the last whole step, {step}, is saved in {checkpoints[-1]}" if checkpoints
+        saved_step, folder = self._last_checkpoint or (None, "")
+        saved = saved_step == step
+        kept = (f"the last whole step, {step}, is saved in {folder}" if saved
                 else f"the run stopped at step {step}, and no checkpoint was saved")
         return (f"out of memory in step {step + 1} ({error}); {kept}. To fit, " + "; or ".join(MEMORY_SETTINGS)
-                + (", then resume from that checkpoint" if checkpoints else ""))
+                + (", then resume from that checkpoint" if saved else ""))
 
     def _between_steps(self, trainer: Trainer, reports: list[StepReport]) -> bool:
         for report in reports:
@@ -210,6 +211,8 @@ class TrainingJob:
 
     def _emit(self, events: list[Event]) -> None:
         for event in events:
+            if event.kind == "saved" and event.data.get("kind") == "checkpoint":
+                self._last_checkpoint = (event.data["step"], event.data["path"])
             self._events.put(event)
 
     def _step_data(self, report: StepReport) -> dict:

@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 from yaml.constructor import SafeConstructor
 
-from .config import OPTIMIZERS, SCHEDULES, ConfigError
+from .config import MAX_LEARNING_RATE, OPTIMIZERS, SCHEDULES, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ TRAIN = {
     "batch_size": Key("int", 1),
     "steps": Key("int", 1000, maximum=1_000_000),
     "gradient_accumulation": Key("int", 1, aliases=("gradient_accumulation_steps",)),
-    "lr": Key("float", 1e-4, maximum=1.0),
+    "lr": Key("float", 1e-4, maximum=MAX_LEARNING_RATE),
     "optimizer": Key("str", "adamw8bit", OPTIMIZERS),
     "lr_scheduler": Key("str", "constant", SCHEDULES),
     "warmup_steps": Key("int", 0),
