@@ -17,6 +17,7 @@ from trainer_core.attention import cudnn_attention_fault
 from trainer_core.config import ConfigError, LoraConfig, TrainConfig
 from trainer_core.families import family_for
 from trainer_core.lora import LinearLora, LoraNetwork
+from trainer_core.optim import QUANT_STATE
 from trainer_core.trainer import Sample, Trainer, lr_factor
 
 FAMILIES = list(MODEL_FACTORIES)
@@ -216,8 +217,9 @@ def test_adamw8bit_on_the_cpu_keeps_8bit_state():
     fixed = evaluation_set(trainer)
     before = evaluate(trainer, fixed)
     states = []
-    trainer.run(lambda t, reports: states.append([s.get("state1") for s in t.optimizer.state.values()]))
-    assert any(s is not None and s.dtype == torch.uint8 for s in states[-1]), "no 8-bit optimizer state"
+    trainer.run(lambda t, reports: states.append([s[QUANT_STATE]["state1"]
+                                                  for s in t.optimizer.state_dict()["state"].values()]))
+    assert any(s.dtype == torch.uint8 for s in states[-1]), "no 8-bit optimizer state"
     assert evaluate(trainer, fixed) < before
 
 

@@ -97,9 +97,10 @@ def build_optimizer(params: list[torch.nn.Parameter], config: TrainConfig) -> to
         fused = all(p.is_cuda for p in params)
         return torch.optim.AdamW(params, lr=lr, weight_decay=decay, fused=fused or None)
     if config.optimizer == "adamw8bit":
-        import bitsandbytes
+        # bitsandbytes' AdamW8bit, one update for all LoRA tensors instead of one per tensor (optim.py).
+        from .optim import FusedAdamW8bit
 
-        return bitsandbytes.optim.AdamW8bit(params, lr=lr, weight_decay=decay)
+        return FusedAdamW8bit(params, lr=lr, weight_decay=decay)
     if config.optimizer == "adafactor":
         return torch.optim.Adafactor(params, lr=lr, weight_decay=decay)
     try:
