@@ -81,6 +81,7 @@ class TrainingJob:
         # (step, folder) of the newest checkpoint a hook saved. A checkpoint hook that saved at the
         # step a run stops at does not save it again, so the message of that stop names this one.
         self._last_checkpoint: tuple[int, str] | None = None
+        self._compiling = _CompileTime()
 
     # -- control, from any thread ------------------------------------------------------------
 
@@ -184,6 +185,8 @@ class TrainingJob:
                 + (", then resume from that checkpoint" if saved else ""))
 
     def _between_steps(self, trainer: Trainer, reports: list[StepReport]) -> bool:
+        if self._first_step[1]:
+            self._compiling.step_ended(trainer.state.samples_seen)
         for report in reports:
             self._events.put(Event("step", self._step_data(report)))
         step = trainer.state.step
@@ -196,6 +199,7 @@ class TrainingJob:
             with self._paused():
                 for hook in due:
                     self._emit(hook.on_step(trainer))
+        self._compiling.step_begins(trainer.state.samples_seen)
         return not self._cancel.is_set()
 
     @contextlib.contextmanager
@@ -220,11 +224,14 @@ class TrainingJob:
         if report.step == 1 or self._first_step[1] == 0:
             self._first_step = (now, report.step, report.samples_seen)
         since, first_step, first_seen = self._first_step
-        elapsed = now - since
-        # Rates are measured from the end of the first step, which carries the warm-up.
-        steps_done = report.step - first_step
-        rate = (report.samples_seen - first_seen) / elapsed if elapsed > 0 and steps_done else 0.0
-        eta = elapsed / steps_done * (report.total_steps - report.step) if steps_done else None
+        # Rates are measured from the end of the first step, which carries the warm-up, and leave out
+        # later steps that compiled (a new input shape): they would stretch the ETA of every step after.
+        compiling = self._compiling
+        elapsed = now - since - compiling.seconds
+        steps_done = report.step - first_step - compiling.steps
+        samples = report.samples_seen - first_seen - compiling.samples
+        rate = samples / elapsed if elapsed > 0 and steps_done > 0 else 0.0
+        eta = elapsed / steps_done * (report.total_steps - report.step) if steps_done > 0 else None
         return {
             "step": report.step,
             "total_steps": report.total_steps,
@@ -234,3 +241,28 @@ class TrainingJob:
             "eta_seconds": eta,
             "elapsed_seconds": now - self._started_at,
         }
+
+
+class _CompileTime:
+    """The steps in which torch.compile compiled something, and their time: dynamo counts each
+    frame it compiles (or tries to), and a step during which the count rose spent time compiling."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self.steps = 0
+        self.samples = 0
+        self._began = (0.0, 0, 0)  # (time, dynamo's frame count, samples seen) when the step began
+
+    def step_begins(self, samples_seen: int) -> None:
+        self._began = (time.perf_counter(), _frames_compiled(), samples_seen)
+
+    def step_ended(self, samples_seen: int) -> None:
+        began, frames, seen = self._began
+        if _frames_compiled() != frames:
+            self.seconds += time.perf_counter() - began
+            self.steps += 1
+            self.samples += samples_seen - seen
+
+
+def _frames_compiled() -> int:
+    return torch._dynamo.utils.counters["frames"]["total"]

@@ -76,6 +76,16 @@ class BatchOrder:
         batches.extend(open_batches.values())
         return batches
 
+    def batch_shapes(self) -> set[tuple[int, ...]]:
+        """Every (batch size, *latent shape) an epoch's batches have: per bucket, full batches and
+        the smaller last one of a bucket whose count the batch size does not divide."""
+        counts: dict[tuple[int, ...], int] = {}
+        for shape in self.shapes:
+            counts[shape] = counts.get(shape, 0) + 1
+        sizes = {(shape, size) for shape, count in counts.items()
+                 for size in (min(count, self.batch_size), count % self.batch_size) if size}
+        return {(size, *shape) for shape, size in sizes}
+
 
 def lr_factor(step: int, schedule: str, warmup_steps: int, total_steps: int) -> float:
     """Multiplier of the base learning rate at optimizer step `step` (0-based)."""
@@ -217,7 +227,7 @@ class Trainer:
                     self.network.attached(diffusion_model),
                     self.family.training_patches(),
                     wrapped_blocks(blocks, cfg.gradient_checkpointing, self.family.blocks_mutate_inputs,
-                                   compile_blocks),
+                                   compile_blocks, dynamic=self.input_shapes_vary),
                 ):
                     self.network.train()
                     if self.uses_cuda_graphs:
@@ -243,6 +253,15 @@ class Trainer:
             return (self.device.type == "cuda" and self.family.compile_pays
                     and importlib.util.find_spec("triton") is not None)
         return self.config.compile_blocks == "on"
+
+    @property
+    def input_shapes_vary(self) -> bool:
+        """Whether the model sees batches of more than one shape in this run (aspect-ratio buckets,
+        a smaller last batch of a bucket, captions of other token lengths): compiled blocks are
+        then compiled for any size, once, instead of again for each shape."""
+        conditionings = [c for s in self.samples for c in (s.conditioning, *(a for _, a in s.alternatives))]
+        token_shapes = {tuple(sorted((k, tuple(v.shape)) for k, v in c.items())) for c in conditionings}
+        return len(self.order.batch_shapes()) > 1 or len(token_shapes) > 1
 
     @property
     def uses_cuda_graphs(self) -> bool:
