@@ -40,10 +40,9 @@ class _Pack:
     params: list[nn.Parameter]
     offsets: list[int]  # where each parameter's segment starts in `flat`
     sizes: list[int]  # each segment's length: the parameter's elements, padded to whole blocks if 8-bit
+    pieces: list[int]  # `flat` split into each parameter's elements and its padding, in turn
     eight_bit: bool
     flat: torch.Tensor
-    grad: torch.Tensor  # the gradients gathered for the update; padding stays zero
-    grad_views: list[torch.Tensor]
     state1: torch.Tensor
     state2: torch.Tensor
     absmax1: torch.Tensor | None
@@ -88,18 +87,17 @@ class FusedAdamW8bit(torch.optim.Optimizer):
         offsets = [sum(sizes[:i]) for i in range(len(sizes))]
         total = sum(sizes)
         flat = torch.zeros(total, dtype=dtype, device=device)
-        grad = torch.zeros(total, dtype=dtype, device=device)
+        pieces = [n for p, size in zip(params, sizes, strict=True) for n in (p.numel(), size - p.numel())]
         state_dtype = torch.uint8 if eight_bit else torch.float32
         states = [torch.zeros(total, dtype=state_dtype, device=device) for _ in range(2)]
         absmaxes = [torch.zeros(total // BLOCK, dtype=torch.float32, device=device) if eight_bit else None
                     for _ in range(2)]
-        pack = _Pack(group, params, offsets, sizes, eight_bit, flat, grad, [], *states, *absmaxes, [0] * len(params))
+        pack = _Pack(group, params, offsets, sizes, pieces, eight_bit, flat, *states, *absmaxes, [0] * len(params))
         with torch.no_grad():
             for index, param in enumerate(params):
                 view = _segments(flat, pack, index, shaped=True)
                 view.copy_(param)
                 param.data = view
-                pack.grad_views.append(_segments(grad, pack, index, shaped=True))
         if eight_bit:
             self._qmaps = tuple(qmap.to(device) for qmap in self._qmaps)
         return pack
@@ -112,23 +110,28 @@ class FusedAdamW8bit(torch.optim.Optimizer):
                 loss = closure()
         for pack in self._packs:
             grads = [p.grad for p in pack.params]
+            # The gradients in the flat layout, padding zero. Made for the step only: between steps its
+            # memory serves the next forward and backward.
+            flat_grad = torch.zeros_like(pack.flat)
+            views = [piece.view(p.shape) for piece, p in zip(flat_grad.split(pack.pieces)[::2], pack.params,
+                                                              strict=True)]
             if all(g is not None for g in grads) and min(pack.steps) == max(pack.steps):
-                torch._foreach_copy_(pack.grad_views, grads)
+                torch._foreach_copy_(views, grads)
                 pack.steps = [pack.steps[0] + 1] * len(pack.steps)
-                self._update(pack, slice(None), pack.steps[0])
+                self._update(pack, flat_grad, slice(None), pack.steps[0])
             else:
                 # Some parameter got no gradient (its layer did not run), now or before: bitsandbytes
                 # leaves such a parameter and its step count alone, so each is updated on its own.
                 for index, grad in enumerate(grads):
                     if grad is None:
                         continue
-                    pack.grad_views[index].copy_(grad)
+                    views[index].copy_(grad)
                     pack.steps[index] += 1
                     start, size = pack.offsets[index], pack.sizes[index]
-                    self._update(pack, slice(start, start + size), pack.steps[index])
+                    self._update(pack, flat_grad, slice(start, start + size), pack.steps[index])
         return loss
 
-    def _update(self, pack: _Pack, part: slice, step: int) -> None:
+    def _update(self, pack: _Pack, grad: torch.Tensor, part: slice, step: int) -> None:
         """bitsandbytes' update of the elements `part` of the pack (whole segments), as its
         Optimizer2State.update_step makes it for one tensor."""
         group = pack.group
@@ -136,12 +139,12 @@ class FusedAdamW8bit(torch.optim.Optimizer):
         if pack.eight_bit:
             blocks = slice(None) if part == slice(None) else slice(part.start // BLOCK, part.stop // BLOCK)
             bnb.optimizer_update_8bit_blockwise(
-                "adam", pack.grad[part], pack.flat[part], pack.state1[part], pack.state2[part], beta1, beta2, 0.0,
+                "adam", grad[part], pack.flat[part], pack.state1[part], pack.state2[part], beta1, beta2, 0.0,
                 0.0, group["eps"], step, group["lr"], self._qmaps[0], self._qmaps[1], pack.absmax1[blocks],
                 pack.absmax2[blocks], group["weight_decay"], gnorm_scale=1.0, skip_zeros=False)
         else:
             bnb.optimizer_update_32bit(
-                "adam", pack.grad[part], pack.flat[part], pack.state1[part], beta1, group["eps"], step, group["lr"],
+                "adam", grad[part], pack.flat[part], pack.state1[part], beta1, group["eps"], step, group["lr"],
                 pack.state2[part], beta2, 0.0, 0.0, group["weight_decay"], 1.0, None, max_unorm=0.0,
                 skip_zeros=False)
 
