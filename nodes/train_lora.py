@@ -1,3 +1,4 @@
+import dataclasses
 import time
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from ..trainer_core.config import (
     MAX_LEARNING_RATE,
     OPTIMIZERS,
     PRECISIONS,
+    SAVE_FORMATS,
     SCHEDULES,
     SaveConfig,
     TrainConfig,
@@ -87,6 +89,11 @@ class TrainLoraNode(io.ComfyNode):
                                tooltip="torch.compile each block on a GPU; the first step then compiles for "
                                        "minutes. auto: SD3 and Flux; on: also SDXL (4-5 minutes of compiling, "
                                        "for long runs); off: never.", **ADVANCED),
+                io.Combo.Input("save_format", options=list(SAVE_FORMATS), default="comfyui",
+                               tooltip="Key names in the LoRA file. comfyui: kohya's, read by ComfyUI, A1111 and "
+                                       "Forge; diffusers reads them too, but not SD 3.5's, nor SDXL's with "
+                                       "attention+mlp+conv. diffusers: diffusers' own, read by diffusers and "
+                                       "ComfyUI.", **ADVANCED),
             ],
             hidden=[io.Hidden.unique_id],
             outputs=[
@@ -103,7 +110,7 @@ class TrainLoraNode(io.ComfyNode):
     def execute(cls, model, clip, vae, dataset, lora_config, output_name, steps, learning_rate, optimizer, schedule,
                 warmup_steps, batch_size, gradient_accumulation, precision, gradient_checkpointing, seed, save_every,
                 keep_last, save_dtype, sample_every, sample_prompts, sample_seed, sample_size,
-                resume_from, compile_blocks) -> io.NodeOutput:
+                resume_from, compile_blocks, save_format) -> io.NodeOutput:
         train = TrainConfig(
             steps=steps, learning_rate=learning_rate, optimizer=optimizer, schedule=schedule,
             warmup_steps=warmup_steps, batch_size=batch_size, gradient_accumulation=gradient_accumulation,
@@ -111,14 +118,15 @@ class TrainLoraNode(io.ComfyNode):
             compile_blocks=compile_blocks,
         )
         save = SaveConfig(name=output_name.strip(), dtype=save_dtype, every=save_every, keep_last=keep_last,
-                          trigger_word=dataset.trigger_word)
+                          trigger_word=dataset.trigger_word, format=save_format)
         prompts = prompt_lines(sample_prompts)
         settings = None
         if prompts:
             settings = SampleSettings(prompts, seed=sample_seed, width=sample_size, height=sample_size).resolved(model)
             encoded = encode_prompts(clip, settings)
-        samples, _ = build_samples(dataset, model, clip, vae, folder_paths.get_input_directory(),
-                                   folder_paths.get_output_directory())
+        samples, report = build_samples(dataset, model, clip, vae, folder_paths.get_input_directory(),
+                                        folder_paths.get_output_directory())
+        save = dataclasses.replace(save, dataset=report.facts())
         trainer = Trainer(model, samples, lora_config, train)
         resumed = None
         if resume_from.strip():

@@ -22,6 +22,8 @@ SAVE_DTYPES = ("bf16", "fp16", "fp32")
 # Above it every optimizer here diverges in the first steps (adaptive ones, Prodigy, take 1.0); inf, NaN
 # and values like 1e38 would make the weights non-finite before the loss shows it.
 MAX_LEARNING_RATE = 10.0
+# Key layouts of the LoRA file: kohya's `lora_unet_*` names, or diffusers' own (diffusers_format.py).
+SAVE_FORMATS = ("comfyui", "diffusers")
 
 
 class ConfigError(ValueError):
@@ -147,6 +149,15 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class DatasetFacts:
+    """What a LoRA file's metadata says about the data it was trained on (kohya's `ss_*` keys)."""
+
+    tag_frequency: dict[str, dict[str, int]]  # dataset folder name -> tag -> captions that have it
+    num_train_images: int  # images x repeats, per epoch
+    resolution: int  # the training side length
+
+
+@dataclass(frozen=True)
 class SaveConfig:
     """Where a run's files go: the LoRA as `<loras>/<name>/<name>.safetensors`, checkpoints under
     `<output_dir>/<name>/checkpoints/` (output_dir "" is ComfyUI's output folder)."""
@@ -157,6 +168,8 @@ class SaveConfig:
     keep_last: int = 3  # checkpoints kept; 0 keeps all
     output_dir: str = ""
     trigger_word: str = ""
+    format: str = "comfyui"  # one of SAVE_FORMATS
+    dataset: DatasetFacts | None = None  # set once the dataset is read; None leaves its keys out
 
     def __post_init__(self):
         owner = "save"
@@ -166,6 +179,7 @@ class SaveConfig:
         _require(name_ok, owner, "name", f"{self.name!r} must be 1-128 letters, digits, '.', '_', '-' or spaces, "
                  "starting with a letter or digit and not ending in '.' or a space")
         _one_of(owner, "dtype", self.dtype, SAVE_DTYPES)
+        _one_of(owner, "format", self.format, SAVE_FORMATS)
         for name in ("every", "keep_last"):
             value = getattr(self, name)
             _require(isinstance(value, int) and value >= 0, owner, name, f"must be an integer >= 0, got {value!r}")

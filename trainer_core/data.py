@@ -55,7 +55,7 @@ import torch
 from PIL import ExifTags, Image, ImageOps
 
 from . import comfy_compat
-from .config import ConfigError, TrainConfig, _require
+from .config import ConfigError, DatasetFacts, TrainConfig, _require
 from .export import write_safetensors_atomic
 from .families import family_for
 from .trainer import Sample
@@ -150,6 +150,13 @@ class DatasetReport:
     captions_encoded: int = 0
     # Sample key -> (probability, caption text) of every conditioning the sample may draw.
     captions: dict[str, list[tuple[float, str]]] = field(default_factory=dict)
+    train_images: int = 0  # images x repeats (kohya's count: flips not doubled)
+    resolution: int = 0
+    tag_frequency: dict[str, dict[str, int]] = field(default_factory=dict)  # see tag_frequency()
+
+    def facts(self) -> DatasetFacts:
+        """What the LoRA file's metadata records of this dataset."""
+        return DatasetFacts(self.tag_frequency, self.train_images, self.resolution)
 
     def summary(self) -> str:
         buckets = ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(self.buckets.items()))
@@ -272,6 +279,21 @@ def caption_variants(caption: str, config: DatasetConfig, seed_key: str) -> list
     if trigger and not re.search(rf"(?<!\w){re.escape(trigger)}(?!\w)", caption, re.IGNORECASE):
         texts = [f"{trigger}, {text}" if text else trigger for text in texts]
     return texts
+
+
+def tag_frequency(entries: list[ImageEntry], config: DatasetConfig, folder: Path) -> dict[str, dict[str, int]]:
+    """kohya's `ss_tag_frequency`, which A1111 / Forge show as a LoRA's tags: per folder (the dataset
+    folder's name for its own images, an N_name subfolder's name for its), how many captions hold each
+    comma-separated tag, lower-cased. Each image counts once, whatever its repeats, with its caption as
+    trained in the written order (the trigger word included)."""
+    counts: dict[str, dict[str, int]] = {}
+    for entry in entries:
+        frequency = counts.setdefault(entry.name.rpartition("/")[0] or folder.name, {})
+        for tag in caption_variants(entry.caption, config, entry.name)[0].split(","):
+            tag = tag.strip().lower()
+            if tag:
+                frequency[tag] = frequency.get(tag, 0) + 1
+    return counts
 
 
 def caption_choices(variants: list[str], config: DatasetConfig) -> list[tuple[float, str]]:
@@ -411,7 +433,8 @@ def build_samples(
     folder = resolve_folder(config.folder, input_dir)
     entries = scan(folder, config)
     cache_dir = Path(output_dir) / Path(config.cache_dir or DEFAULT_CACHE_FOLDER).expanduser()
-    report = DatasetReport(folder, cache_dir, images=len(entries))
+    report = DatasetReport(folder, cache_dir, images=len(entries), train_images=sum(e.repeats for e in entries),
+                           resolution=config.resolution, tag_frequency=tag_frequency(entries, config, folder))
     family = family_for(patcher.model, TrainConfig())
     model_channels = patcher.model.latent_format.latent_channels
     if vae.latent_channels != model_channels:

@@ -1,8 +1,10 @@
 """LoRA files that ComfyUI's LoRA Loader reads as they are, checkpoints, and resuming from them.
 
-A LoRA file holds kohya-style keys for every adapted layer: `lora_unet_<module path inside
-diffusion_model, dots as underscores>` + `.lora_down.weight`, `.lora_up.weight`, `.alpha`.
-ComfyUI scales each layer by alpha / rows of lora_down, which is the training scale.
+A LoRA file holds, in the `comfyui` format (the default), kohya-style keys for every adapted layer:
+`lora_unet_<module path inside diffusion_model, dots as underscores>` + `.lora_down.weight`,
+`.lora_up.weight`, `.alpha`. ComfyUI scales each layer by alpha / rows of lora_down, which is the
+training scale. The `diffusers` format names the layers as diffusers does (diffusers_format.py).
+Its metadata holds kohya's `ss_*` keys, their hashes (`sshs_*`) and the model spec's `modelspec.*`.
 
 A checkpoint is a folder `<output>/<name>/checkpoints/step-NNNNNN/` with the LoRA file at that
 step (loadable as is) and the resume state: `resume.safetensors` holds every tensor (the fp32
@@ -14,6 +16,7 @@ one or none; unfinished ones are hidden dot-names ending in `.tmp`.
 import contextlib
 import functools
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -23,6 +26,7 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import comfy.sd
@@ -32,8 +36,8 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from . import comfy_compat
-from .config import LoraConfig, SaveConfig, TrainConfig
+from . import comfy_compat, diffusers_format
+from .config import DatasetFacts, LoraConfig, SaveConfig, TrainConfig
 from .families.base import Family
 from .job import Event, JobHook
 from .lora import LoraNetwork, lora_layer_for
@@ -87,13 +91,32 @@ def all_finite(network: LoraNetwork) -> bool:
     return bool(torch.stack([p.detach().isfinite().all() for p in network.parameters()]).all())
 
 
+def lora_file_tensors(trainer: Trainer, save: SaveConfig) -> dict[str, torch.Tensor]:
+    """The trained network in the key layout `save.format` names."""
+    if save.format == "diffusers":
+        return diffusers_format.lora_state_dict(trainer.network, trainer.family, DTYPES[save.dtype])
+    return lora_state_dict(trainer.network, save.dtype)
+
+
 def lora_metadata(
     family: Family, lora: LoraConfig, train: TrainConfig, *, name: str, steps: int, started_at: float,
-    trigger_word: str = "",
+    trigger_word: str = "", dataset: DatasetFacts | None = None, saved_at: float | None = None,
 ) -> dict[str, str]:
-    """The safetensors header: kohya's `ss_*` keys and the model spec's, which LoRA managers read."""
+    """The safetensors header: kohya's `ss_*` keys and the model spec's, which LoRA managers read;
+    with `dataset`, also what the LoRA was trained on (tag frequencies, image count, resolution)."""
     training_config = {"lora": asdict(lora), "train": train.to_dict()}
-    return {
+    saved = datetime.fromtimestamp(int(time.time() if saved_at is None else saved_at), timezone.utc)
+    data = {}
+    if dataset is not None:
+        side = dataset.resolution
+        data = {
+            # kohya's own forms: JSON {folder: {tag: count}}, an int, and Python's text of a (width, height) tuple.
+            "ss_tag_frequency": json.dumps(dataset.tag_frequency),
+            "ss_num_train_images": str(dataset.num_train_images),
+            "ss_resolution": str((side, side)),
+            "modelspec.resolution": f"{side}x{side}",
+        }
+    return data | {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(lora.rank),
         "ss_network_alpha": str(float(lora.alpha)),
@@ -105,8 +128,23 @@ def lora_metadata(
         "modelspec.architecture": family.modelspec_architecture,
         "modelspec.title": name,
         "modelspec.trigger_phrase": trigger_word,
+        "modelspec.date": saved.isoformat(),
         # `extra` may hold values JSON lacks; their text is enough for a record.
         "ss_training_config": json.dumps(training_config, sort_keys=True, default=str),
+    }
+
+
+def kohya_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, str]:
+    """`sshs_model_hash` and `sshs_legacy_hash` as kohya's sd-scripts precomputes them (A1111's and
+    Forge's LoRA lists read them instead of hashing the file). Both hash the bytes safetensors writes for
+    `tensors` with only the `ss_*` metadata, so that editing other keys later leaves them true: the model
+    hash is the SHA-256 of everything after the header, i.e. of the tensor data alone; the legacy one the
+    first 8 hex digits of the SHA-256 of the 64 KiB at offset 1 MiB (of nothing, in a smaller file)."""
+    data = memoryview(safetensors.torch.save(tensors, {k: v for k, v in metadata.items() if k.startswith("ss_")}))
+    header_length = int.from_bytes(data[:8], "little")
+    return {
+        "sshs_model_hash": hashlib.sha256(data[8 + header_length :]).hexdigest(),
+        "sshs_legacy_hash": hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8],
     }
 
 
@@ -116,9 +154,10 @@ def write_lora(path: str | os.PathLike, trainer: Trainer, save: SaveConfig, star
                                  f"{path} is not written. Lower train.learning_rate or use precision bf16/fp32")
     metadata = lora_metadata(
         trainer.family, trainer.lora_config, trainer.config, name=save.name, steps=trainer.state.step,
-        started_at=started_at, trigger_word=save.trigger_word,
+        started_at=started_at, trigger_word=save.trigger_word, dataset=save.dataset,
     )
-    write_safetensors_atomic(path, lora_state_dict(trainer.network, save.dtype), metadata)
+    tensors = lora_file_tensors(trainer, save)
+    write_safetensors_atomic(path, tensors, metadata | kohya_hashes(tensors, metadata))
 
 
 def loras_folder() -> Path:

@@ -14,7 +14,7 @@ import math
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -47,7 +47,7 @@ TRAIN_KEYS = {
 }
 SAVE_KEYS = {
     "name": "name", "dtype": "save.dtype", "every": "save.save_every", "keep_last": "save.max_step_saves_to_keep",
-    "output_dir": "training_folder", "trigger_word": "trigger_word",
+    "output_dir": "training_folder", "trigger_word": "trigger_word", "format": "save.format",
 }
 DATASET_KEYS = {
     "folder": "datasets[0].folder_path", "caption_extension": "datasets[0].caption_ext",
@@ -244,7 +244,9 @@ def train_process(config: ResolvedConfig, resume: bool, command: str, rank: int,
     with tempfile.TemporaryDirectory(prefix="lora-train-cache-") as scratch:
         cache_root = save.output_dir if values["datasets"][0]["cache_latents_to_disk"] else scratch
         with named_in_file(config, DATASET_KEYS):
-            samples, _ = build_samples(dataset, models.patcher, models.clip, models.vae, config.file.parent, cache_root)
+            samples, report = build_samples(dataset, models.patcher, models.clip, models.vae, config.file.parent,
+                                            cache_root)
+    save = replace(save, dataset=report.facts())
     if first:
         distributed.barrier()
     trainer = trainer_class(models.patcher, samples, lora, train_config)

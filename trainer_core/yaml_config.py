@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 from yaml.constructor import SafeConstructor
 
-from .config import MAX_LEARNING_RATE, OPTIMIZERS, SCHEDULES, ConfigError
+from .config import MAX_LEARNING_RATE, OPTIMIZERS, SAVE_FORMATS, SCHEDULES, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,7 @@ SAVE = {
     "dtype": Key("str", "bf16", DTYPE_NAMES),
     "save_every": Key("int", 250),
     "max_step_saves_to_keep": Key("int", 3),
+    "format": Key("str", "comfyui", SAVE_FORMATS),
 }
 TRAIN = {
     "batch_size": Key("int", 1),
