@@ -259,19 +259,22 @@ def build_sdxl(prediction: str = "eps") -> comfy.model_patcher.ModelPatcher:
     return _cached(f"sdxl_{prediction}", lambda: _build_direct(comfy.supported_models.SDXL(TINY_SDXL_UNET), marker))
 
 
-def build_sd3() -> comfy.model_patcher.ModelPatcher:
+def build_sd3(x_block_self_attn_layers: tuple[int, ...] = ()) -> comfy.model_patcher.ModelPatcher:
     """Tiny SD3 MMDiT (depth 2, hidden 128, 1.7 M parameters): latent 16 ch, context 4096, pooled (`y`) 800.
 
     Written as a checkpoint and loaded through comfy.sd.load_checkpoint_guess_config; latents up to 64x64.
+    `x_block_self_attn_layers`: the blocks with SD 3.5 Medium's second image attention (`x_block.attn2`).
     """
-    return _cached("sd3", load_sd3)
+    name = "sd3_tiny" + "".join(f"_attn2_{i}" for i in x_block_self_attn_layers)
+    return _cached(name, lambda: load_sd3(x_block_self_attn_layers))
 
 
-def load_sd3() -> comfy.model_patcher.ModelPatcher:
+def load_sd3(x_block_self_attn_layers: tuple[int, ...] = ()) -> comfy.model_patcher.ModelPatcher:
     """The tiny SD3 of `build_sd3` read anew from its file, as a loader node reads it (a model of its own, not
     the shared one: under inference mode its weights are inference tensors, as in ComfyUI)."""
-    config = comfy.supported_models.SD3(TINY_SD3_UNET)
-    path = _model_file("sd3_tiny", lambda p: _write_model_file(p, config, torch.float32, CHECKPOINT_PREFIX))
+    config = comfy.supported_models.SD3(TINY_SD3_UNET | {"x_block_self_attn_layers": list(x_block_self_attn_layers)})
+    name = "sd3_tiny" + "".join(f"_attn2_{i}" for i in x_block_self_attn_layers)
+    path = _model_file(name, lambda p: _write_model_file(p, config, torch.float32, CHECKPOINT_PREFIX))
     patcher = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=False, output_clip=False)[0]
     _check_loaded(patcher, path, CHECKPOINT_PREFIX)
     return patcher
@@ -311,6 +314,14 @@ def build_flux_full_width(variant: str = "dev") -> comfy.model_patcher.ModelPatc
         return patcher
 
     return _cached_full_size(f"flux_{variant}_full_width", load)
+
+
+def build_flux_full_width_direct(variant: str = "dev") -> comfy.model_patcher.ModelPatcher:
+    """`build_flux_full_width`'s model built directly, without a file or ComfyUI's loader (seconds, not minutes),
+    for tests that need the full width's shapes but not the loading. Only the latest full-size model stays cached."""
+    config = _flux_unet(variant, hidden_size=3072, num_heads=24, axes_dim=[16, 56, 56])
+    return _cached_full_size(f"flux_{variant}_full_width_direct",
+                             lambda: _build_direct(FLUX_CONFIG_CLASSES[variant](config)))
 
 
 def build_sdxl_full(prediction: str = "eps") -> comfy.model_patcher.ModelPatcher:
