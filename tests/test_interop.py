@@ -25,7 +25,7 @@ import torch
 from peft.tuners.lora import LoraLayer as PeftLoraLayer
 from PIL import Image
 from tiny_encoders import build_clip, build_vae
-from tiny_models import build_flux_full_width_direct, build_sd3, build_sdxl, random_inputs
+from tiny_models import build_flux, build_flux_full_width_direct, build_sd3, build_sdxl, random_inputs
 
 from trainer_core import export
 from trainer_core.config import DatasetFacts, LoraConfig, SaveConfig, TrainConfig
@@ -256,15 +256,17 @@ def sd3_pipeline():
     return pipeline, transformer
 
 
-def flux_pipeline():
-    # Flux dev at full width (24 heads of 128), one double and one single block: diffusers' converter of
-    # kohya-named Flux files splits the single blocks' linear1 at 3072 rows. The weights are never read (peft's
-    # delta does not use them), so they are left uninitialised.
+def flux_pipeline(full_width: bool):
+    """Flux dev with one double and one single block: at full width (24 heads of 128), or tiny_models' narrow one
+    (2 heads of 64). diffusers' converter of kohya-named Flux files splits the single blocks' linear1 at 3072 rows,
+    so only the full width reads the comfyui format. The weights are never read (peft's delta does not use them),
+    so they are left uninitialised."""
+    heads, head_dim, axes = (24, 128, (16, 56, 56)) if full_width else (2, 64, (8, 28, 28))
     with torch.device("meta"):
         transformer = diffusers.FluxTransformer2DModel(
-            patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=128,
-            num_attention_heads=24, joint_attention_dim=64, pooled_projection_dim=768, guidance_embeds=True,
-            axes_dims_rope=(16, 56, 56),
+            patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=head_dim,
+            num_attention_heads=heads, joint_attention_dim=64, pooled_projection_dim=768, guidance_embeds=True,
+            axes_dims_rope=axes,
         )
     transformer = transformer.to_empty(device="cpu")
     pipeline = diffusers.FluxPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None,
@@ -280,13 +282,18 @@ CASES = {
     "sdxl-conv": (build_sdxl, sdxl_pipeline, "attention+mlp+conv", ("diffusers",)),
     # diffusers has no converter for kohya-named SD3 files: that is what the diffusers format is for.
     "sd3-all-linear": (lambda: build_sd3(x_block_self_attn_layers=(0,)), sd3_pipeline, "all-linear", ("diffusers",)),
-    "flux-all-linear": (build_flux_full_width_direct, flux_pipeline, "all-linear", ("comfyui", "diffusers")),
+    "flux-all-linear": (build_flux, lambda: flux_pipeline(full_width=False), "all-linear", ("diffusers",)),
+    # Minutes on a CPU: every delta of a 0.5 B parameter model, twice, in three programs.
+    "flux-full-width-all-linear": pytest.param(
+        (build_flux_full_width_direct, lambda: flux_pipeline(full_width=True), "all-linear", ("comfyui", "diffusers")),
+        marks=pytest.mark.slow,
+    ),
 }
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_comfyui_and_diffusers_apply_the_trained_lora_from_both_formats(case, tmp_path, caplog):
-    build_model, build_pipeline, targets, diffusers_formats = CASES[case]
+    build_model, build_pipeline, targets, diffusers_formats = case
     patcher = build_model()
     trainer = trainer_with_random_lora(patcher, targets)
     expected = trained_deltas(trainer)
