@@ -6,6 +6,7 @@ Flux only at hidden 3072, and builds CLIP-G and T5 at full size from any file: t
 for its two file loaders with the tiny models, and a slow test takes the full-width Flux through the real ones."""
 
 import copy
+import json
 import logging
 import os
 import re
@@ -124,6 +125,10 @@ def assert_trained_run(run: Path, model, caplog) -> None:
     with safetensors.safe_open(str(path), framework="pt") as file:
         metadata = file.metadata()
     assert metadata["ss_steps"] == str(STEPS) and metadata["modelspec.trigger_phrase"] == "shp"
+    # The dataset's facts for A1111 / Forge: every caption got the trigger word.
+    ((folder, tags),) = json.loads(metadata["ss_tag_frequency"]).items()
+    assert folder == "data" and tags["shp"] == int(metadata["ss_num_train_images"]) == len(graph_data.SUBJECTS)
+    assert metadata["ss_resolution"] == "(64, 64)"
     lora = comfy.utils.load_torch_file(str(path))
     assert lora[next(k for k in lora if k.endswith("lora_up.weight"))].dtype == torch.float16
 
@@ -193,6 +198,21 @@ def test_sdxl_and_flux_train_from_the_cli_into_a_lora_comfyui_loads_with_every_k
     path = write(tmp_path, family_config(files, form, family, model_file, encoder_files))
     assert cli.main(["train", str(path), "--cpu"]) == 0
     assert_trained_run(tmp_path / "out" / "tiny", MODEL_FACTORIES[name](), caplog)
+
+
+def test_save_format_diffusers_writes_diffusers_keys_that_comfyui_loads_every_one_of(files, tmp_path, caplog):
+    config = short_form(files)
+    config["save"] = {"format": "diffusers", "dtype": "float32", "save_every": 0}
+    config["train"]["steps"] = 1
+    config["sample"]["prompts"] = []
+    assert cli.main(["train", str(write(tmp_path, config)), "--cpu"]) == 0
+    lora = comfy.utils.load_torch_file(str(tmp_path / "out" / "tiny" / "tiny.safetensors"))
+    assert lora and all(re.fullmatch(r"transformer\.transformer_blocks\.\d+\..+\.lora_[AB]\.weight", k) for k in lora)
+    caplog.clear()
+    model = comfy.sd.load_diffusion_model(str(files / "models/diffusion_models/tiny_sd3.safetensors"))
+    with caplog.at_level(logging.WARNING):
+        patched, _ = comfy.sd.load_lora_for_models(model, None, lora, 1, 0)
+    assert "lora key not loaded" not in caplog.text and patched.patches
 
 
 @pytest.mark.slow
