@@ -263,8 +263,11 @@ def run_theirs(arch, variant, args, device, result: dict) -> None:
             super().__init__(*a, loss_callback=stamped, **kw)
 
     # The node's inputs are lists (is_input_list); its own defaults where this pack has no equivalent
-    # (LoRA weights in bf16, LoRA on every weight, alpha 1).
-    inputs = {
+    # (LoRA weights in bf16, LoRA on every weight, alpha 1), also for inputs newer hosts added (0.33:
+    # offloading, bucket_mode, checkpoint_depth, ...).
+    defaults = {i.id: [i.default] for i in nodes_train.TrainLoraNode.define_schema().inputs
+                if getattr(i, "default", None) is not None}
+    inputs = defaults | {
         # One latent dict and one conditioning list per sample: with a single batched dict the node fails
         # (it never sets `multi_res` on that path in 0.3.75).
         "model": [patcher], "latents": [{"samples": latent[None]} for latent in latents],

@@ -15,6 +15,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # init_external_custom_nodes); each such line names the folder.
 IMPORT_FAILURE_MARKERS = ("IMPORT FAILED", "Cannot import", "Error while calling comfy_entrypoint", "skipping", "Skip ")
 TRACEBACK_FRAME = re.compile(r'^\s*File "([^"]+)", line \d+')
+ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
 # A loader node and its file input for each model folder the live server gets.
 FOLDER_LOADERS = {
     "checkpoints": ("CheckpointLoaderSimple", "ckpt_name"),
@@ -104,9 +105,9 @@ def test_server_log_shows_the_pack_imported(comfy_server: ComfyServer) -> None:
     assert not failures and not frames, (
         "the server failed to import the pack:\n" + "\n".join(failures + frames) + f"\nlog: {comfy_server.log_path}"
     )
-    # Newer hosts put the level in front ("[INFO]    0.0 seconds: ...").
+    # Newer hosts put the level in front, in colour ("\x1b[32m[INFO]\x1b[0m    0.0 seconds: ...").
     timings = [re.compile(rf"(?:\[[A-Z]+\])?\s*[\d.]+ seconds: {re.escape(folder)}") for folder in folders]
-    imported = any(timing.fullmatch(line) for line in lines for timing in timings)
+    imported = any(timing.fullmatch(ANSI_COLOUR.sub("", line)) for line in lines for timing in timings)
     assert imported, f"no import time logged for {folders}; log: {comfy_server.log_path}"
 
 
