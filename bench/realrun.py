@@ -18,8 +18,10 @@ What one call does, in order:
      Load Base Model -> Dataset + LoRA Config -> Train LoRA queued over HTTP, every input at the default
      /object_info gives except the files, the dataset folder and the settings above.
    A card of C GiB is simulated in that process (bench/realrun_probe.py): PyTorch's allocator is capped at C GiB
-   less the process's CUDA context, and ComfyUI keeps the rest of the big card free (`--reserve-vram`, total - C
-   + the 0.4 GiB ComfyUI itself reserves on Linux), so its model management offloads as on such a card.
+   less the process's CUDA context, and `torch.cuda.mem_get_info` reports a card of C GiB (total C, free the
+   big card's free memory less what lies beyond C), so ComfyUI's model management sees and offloads as on such
+   a card; `--reserve-vram` is its Linux default, 0.4 GiB. (Capping and `--reserve-vram total - C` alone, as
+   first tried, left ComfyUI reading the big card's free memory where it places text encoders.)
 4. What is recorded per run, from the probe's records in the run's process and nvidia-smi read every 100 ms:
    each step's time (the gap between two step events less the previews and checkpoints between them; a step
    event is sent once its loss is read from the device), its bucket and how many frames torch.compile compiled
@@ -272,7 +274,9 @@ class Bench:
         return env
 
     def reserve_gib(self, card: float) -> float:
-        return max(0.0, self.gpu["total_gib"] - card) + COMFY_DEFAULT_RESERVE_GIB
+        # The probe makes the process see a card of that size (realrun_probe.report_card_size): ComfyUI keeps its
+        # own default free on it, given on the command line as a user would.
+        return COMFY_DEFAULT_RESERVE_GIB
 
     # -- preparation ----------------------------------------------------------------------------------------
 

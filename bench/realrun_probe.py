@@ -3,9 +3,9 @@ of the run with their peak memory, and the run's events with the time each was s
 product never imports it.
 
 `install()` runs first in the process, before ComfyUI is imported, and hooks the imports that matter:
-- `comfy.cli_args`: ComfyUI's `--reserve-vram` is set (when the command line did not set it), so that ComfyUI
-  keeps the big card's memory beyond the simulated card free, as it is read when `comfy.model_management` is
-  imported;
+- `comfy.cli_args`: `torch.cuda.mem_get_info` is made to report the simulated card (its size as the total, the
+  free memory within it), as ComfyUI reads it when `comfy.model_management` is imported and at every placement
+  decision; ComfyUI's `--reserve-vram` is set when the command line did not set it;
 - `comfy.model_management` (which starts CUDA): PyTorch's allocator is capped at the simulated card's size
   less what this process already holds outside the allocator (its CUDA context, as on a real card), with
   `torch.cuda.set_per_process_memory_fraction`, and a thread starts sampling the allocator's current memory;
@@ -127,6 +127,26 @@ class Probe:
         args = cli_args_module.args
         if self.reserve_gib is not None and args.reserve_vram is None:
             args.reserve_vram = self.reserve_gib
+        if self.card_gib:
+            self.report_card_size()
+
+    def report_card_size(self) -> None:
+        """Makes `torch.cuda.mem_get_info` answer as the simulated card would: its size as the total, and the
+        big card's free memory less what lies beyond the simulated card as free. ComfyUI reads both, for its
+        total VRAM when `comfy.model_management` is imported and for every placement decision after (where a
+        text encoder is built, how much of a model to load); capping the allocator alone leaves it seeing
+        the big card's free memory, and it then builds a 9 GB T5 on an "8 GB" card."""
+        import torch
+
+        real = torch.cuda.mem_get_info
+        card = int(self.card_gib * GIB)
+
+        def simulated(device=None):
+            free, total = real(device)
+            return max(0, free - max(0, total - card)), min(total, card)
+
+        self._real_mem_get_info = real
+        torch.cuda.mem_get_info = simulated
 
     def cap_allocator(self, model_management) -> None:
         import torch
@@ -135,7 +155,7 @@ class Probe:
         setup = {"t": time.monotonic(), "device": str(device), "card_gib": self.card_gib}
         if getattr(device, "type", "") == "cuda":
             self.cuda = True
-            free, total = torch.cuda.mem_get_info(device)
+            free, total = getattr(self, "_real_mem_get_info", torch.cuda.mem_get_info)(device)
             # What this process holds outside PyTorch's allocator now (its CUDA context): a real card holds it too.
             context = total - free - torch.cuda.memory_reserved(device)
             if self.card_gib:
