@@ -45,8 +45,9 @@ class RunRecord:
         self.step = 0
         self.started_at = time.time()
         self.history: dict[str, list] = {"step": [], "loss": [], "lr": []}
+        # From the newest step; peak_vram_bytes stays None off CUDA.
         self.rates: dict[str, float | None] = {"images_per_second": None, "eta_seconds": None,
-                                               "elapsed_seconds": None}
+                                               "elapsed_seconds": None, "peak_vram_bytes": None}
         self.samples: list[dict] = []
         self.saves: list[dict] = []
         self.error: str | None = None
@@ -72,7 +73,7 @@ class RunRecord:
             self.step = data["step"]
             for key in self.history:
                 self.history[key].append(data[key])
-            self.rates = {key: data[key] for key in self.rates}
+            self.rates = {key: data.get(key) for key in self.rates}
         elif kind == "sample":
             data["images"] = [self._view_reference(path) for path in data.pop("files")]
             self.samples.extend(

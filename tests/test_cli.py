@@ -6,6 +6,7 @@ Flux only at hidden 3072, and builds CLIP-G and T5 at full size from any file: t
 for its two file loaders with the tiny models, and a slow test takes the full-width Flux through the real ones."""
 
 import copy
+import io
 import json
 import logging
 import os
@@ -404,3 +405,76 @@ def test_torchrun_with_two_processes_trains_the_lora_of_one_process(files, tmp_p
         # The float rounding of splitting the batch is all that may differ.
         torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-6, msg=key)
     assert max(t.abs().max().item() for k, t in one.items() if k.endswith("lora_up.weight")) > 1e-3
+
+
+# ComfyUI's settings as `lora-train` leaves them, printed by a process that ran it (ComfyUI reads its memory
+# options once, when comfy.model_management is first imported: a fresh process is needed).
+PRINT_COMFYUI_MEMORY_SETTINGS = """
+import json, os, sys
+from trainer_core import cli
+code = cli.main(sys.argv[1:])
+import comfy.model_management as mm
+from comfy.cli_args import args
+print(json.dumps({"code": code, "lowvram": args.lowvram, "novram": args.novram, "reserve_vram": args.reserve_vram,
+                  "reserved_bytes": mm.EXTRA_RESERVED_VRAM, "lowvram_available": mm.lowvram_available,
+                  "visible": os.environ.get("CUDA_VISIBLE_DEVICES")}))
+"""
+
+
+def comfyui_memory_settings(*arguments: str) -> dict:
+    command = [sys.executable, "-c", PRINT_COMFYUI_MEMORY_SETTINGS, *arguments]
+    env = {key: value for key, value in os.environ.items() if key not in ("CUDA_VISIBLE_DEVICES", "LOCAL_RANK")}
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env | {"COMFYUI_PATH": str(COMFY_HOST)},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def test_comfyuis_memory_options_reach_comfyui(files, tmp_path):
+    # --resume without a checkpoint ends the run right after ComfyUI is imported, before any model loads.
+    path = write(tmp_path, short_form(files))
+    given = comfyui_memory_settings("train", str(path), "--cpu", "--resume", "--reserve-vram", "3", "--lowvram",
+                                    "--cuda-device", "1")
+    assert given == {"code": cli.EXIT_CONFIG, "lowvram": True, "novram": False, "reserve_vram": 3.0,
+                     "reserved_bytes": 3 * 2**30, "lowvram_available": True, "visible": "1"}
+    plain = comfyui_memory_settings(str(path), "--cpu", "--resume", "--novram")
+    assert (plain["lowvram"], plain["novram"], plain["reserve_vram"], plain["visible"]) == (False, True, None, None)
+    assert plain["reserved_bytes"] != 3 * 2**30  # ComfyUI's own default for the platform
+
+
+@pytest.mark.parametrize("arguments, expected", [
+    (["--reserve-vram", "-1"], "--reserve-vram: give the GB to keep free, 0 or more, not -1.0"),
+    (["--cuda-device", "-2"], "--cuda-device: give a GPU's index, 0 or more, not -2"),
+    (["--lowvram", "--novram"], "argument --novram: not allowed with argument --lowvram"),
+])
+def test_wrong_memory_options_are_refused_saying_why(capsys, arguments, expected):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["train", "any.yaml", *arguments])
+    assert exit_.value.code == cli.EXIT_CONFIG and expected in capsys.readouterr().err
+
+
+def test_cuda_device_is_refused_under_torchrun(capsys, monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(SystemExit):
+        cli.parse_arguments(["train", "any.yaml", "--cuda-device", "1"])
+    assert "choose the GPUs with CUDA_VISIBLE_DEVICES" in capsys.readouterr().err
+
+
+def test_the_resume_command_keeps_the_memory_options():
+    arguments = cli.parse_arguments(["train", "my.yaml", "--lowvram", "--reserve-vram", "2.5", "--cuda-device", "0"])
+    expected = "lora-train train my.yaml --lowvram --reserve-vram 2.5 --cuda-device 0 --resume"
+    assert cli.resume_command(arguments) == expected
+
+
+def test_the_progress_line_shows_the_peak_vram_where_there_is_one():
+    from trainer_core.headless import TerminalProgress
+    from trainer_core.job import Event
+
+    stream = io.StringIO()
+    progress = TerminalProgress(stream)
+    step = {"step": 3, "total_steps": 10, "loss": 0.125, "lr": 1e-4, "images_per_second": 2.5, "eta_seconds": 65.0}
+    progress.show(Event("step", step | {"peak_vram_bytes": 6_979_321_856}))
+    progress.show(Event("step", step | {"peak_vram_bytes": None}))
+    on_gpu, on_cpu = stream.getvalue().splitlines()
+    assert on_gpu == "step 3/10  loss 0.1250  lr 1.00e-04  2.50 img/s  ETA 0:01:05  peak VRAM 6.50 GiB"
+    assert on_cpu == "step 3/10  loss 0.1250  lr 1.00e-04  2.50 img/s  ETA 0:01:05"

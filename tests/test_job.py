@@ -9,7 +9,7 @@ from test_engine import fixed_samples, train_config
 from tiny_models import MODEL_FACTORIES
 
 from trainer_core.config import LoraConfig
-from trainer_core.job import Event, JobHook, TrainingFailed, TrainingJob
+from trainer_core.job import Event, JobHook, TrainingFailed, TrainingJob, peak_vram_bytes
 from trainer_core.trainer import Trainer
 
 
@@ -146,3 +146,15 @@ def test_the_host_is_told_the_model_trains_only_while_steps_run(monkeypatch):
     assert {flag for where, flag in seen_in_steps if where == "in a step"} == {True}
     assert [flag for where, flag in seen_in_steps if where == "between steps"] == [False]
     assert comfy.model_management.in_training is False
+
+
+def test_step_events_carry_the_peak_vram_on_cuda_only(monkeypatch):
+    events = list(TrainingJob(make_trainer(steps=2)).start().events())
+    steps = [e.data for e in events if e.kind == "step"]
+    assert len(steps) == 2 and all(s["peak_vram_bytes"] is None for s in steps), "no number is made up on the CPU"
+
+    # On CUDA the field is PyTorch's peak count of the training device; reading that count needs a GPU.
+    asked = []
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: asked.append(device) or 6_979_321_856)
+    assert peak_vram_bytes(torch.device("cuda", 1)) == 6_979_321_856
+    assert asked == [torch.device("cuda", 1)]

@@ -159,8 +159,14 @@ def sample_settings(config: ResolvedConfig, models: Models) -> SampleSettings | 
     return settings.resolved(models.patcher)
 
 
+def memory_text(size_bytes: int | None) -> str:
+    """A memory size as the progress line shows it ("6.12 GiB"); "" for none (a run on the CPU)."""
+    return "" if size_bytes is None else f"{size_bytes / 2**30:.2f} GiB"
+
+
 class TerminalProgress:
-    """One line per training step on stderr: step/total, loss, learning rate, speed and ETA."""
+    """One line per training step on stderr: step/total, loss, learning rate, speed, ETA and, on a
+    GPU, the run's peak memory."""
 
     def __init__(self, stream=None):
         self.stream = stream or sys.stderr
@@ -170,9 +176,11 @@ class TerminalProgress:
         if event.kind == "started" and data["compiling"]:
             log.info("compiling the model's blocks: the first step takes a minute or two")
         elif event.kind == "step":
+            peak = memory_text(data.get("peak_vram_bytes"))
+            peak_text = f"  peak VRAM {peak}" if peak else ""
             self.stream.write(
                 f"step {data['step']}/{data['total_steps']}  loss {data['loss']:.4f}  lr {data['lr']:.2e}  "
-                f"{data['images_per_second']:.2f} img/s  ETA {eta_text(data['eta_seconds'])}\n"
+                f"{data['images_per_second']:.2f} img/s  ETA {eta_text(data['eta_seconds'])}{peak_text}\n"
             )
             self.stream.flush()
         elif event.kind == "sample":
@@ -238,6 +246,9 @@ def train_process(config: ResolvedConfig, resume: bool, command: str, rank: int,
     settings = sample_settings(config, models)
     run_folder = Path(save.output_dir) / save.name
     first = rank == 0
+    # The previews' prompts are encoded before the dataset, which takes the text encoders and the VAE off
+    # the card when it is done: nothing loads them again before training (sampling loads the VAE alone).
+    encoded = encode_prompts(models.clip, settings) if first and settings is not None else None
     # The first process fills the dataset cache; the others then read it from there.
     if not first:
         distributed.barrier()
@@ -259,8 +270,8 @@ def train_process(config: ResolvedConfig, resume: bool, command: str, rank: int,
     hooks = []
     if first:
         hooks.append(FinalLoraHook(save, run_folder / f"{save.name}.safetensors", resumed))
-        if settings is not None:
-            encoded, every = encode_prompts(models.clip, settings), values["sample"]["sample_every"]
+        if encoded is not None:
+            every = values["sample"]["sample_every"]
             hooks.append(SampleHook(models.vae, encoded, settings, every, run_folder / "samples"))
     return watch(TrainingJob(trainer, hooks), command, show=first)
 

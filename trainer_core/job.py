@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class Event:
     """kind: "started" (data: step to start from, total_steps, whether the first step compiles),
-    "step", "sample", "saved", "error", "done" (data: {"cancelled": bool})."""
+    "step" (with peak_vram_bytes: None off CUDA), "sample", "saved", "error", "done" (data: {"cancelled": bool})."""
 
     kind: str
     data: dict = field(default_factory=dict)
@@ -139,6 +139,9 @@ class TrainingJob:
     def _main(self) -> None:
         self._started_at = time.perf_counter()
         trainer = self.trainer
+        if trainer.device.type == "cuda":
+            # The peak shown is this run's (steps, previews, saves), not that of what the process did before.
+            torch.cuda.reset_peak_memory_stats(trainer.device)
         # Before the first step, which can take minutes where blocks compile: say the run is on.
         self._events.put(Event("started", {"step": trainer.state.step, "total_steps": trainer.config.steps,
                                            "compiling": trainer.compiles_blocks}))
@@ -240,6 +243,7 @@ class TrainingJob:
             "images_per_second": rate,
             "eta_seconds": eta,
             "elapsed_seconds": now - self._started_at,
+            "peak_vram_bytes": peak_vram_bytes(self.trainer.device),
         }
 
 
@@ -266,3 +270,9 @@ class _CompileTime:
 
 def _frames_compiled() -> int:
     return torch._dynamo.utils.counters["frames"]["total"]
+
+
+def peak_vram_bytes(device: torch.device) -> int | None:
+    """The most memory PyTorch has held for tensors on a CUDA device since the run started
+    (torch.cuda.max_memory_allocated); None on other devices, which keep no such count."""
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None

@@ -10,6 +10,7 @@ import node_helpers
 import torch
 from PIL import Image
 
+from . import comfy_compat
 from .config import ConfigError, TrainConfig
 from .families import family_for
 from .job import Event, JobHook
@@ -107,7 +108,12 @@ class SampleHook(JobHook):
             # Raise it again, so whoever watches the run cancels it the usual way (and saves).
             comfy.model_management.interrupt_current_processing(True)
             return []
-        # Sampling may have moved the model off the device to make room for the VAE.
+        finally:
+            # The VAE was loaded for decoding only: training gets its memory back, and the sampler's
+            # scratch memory with it (unload_models empties the allocator's cache).
+            comfy_compat.unload_models([self.vae.patcher])
+        # Sampling may have moved the model off the device to make room for the VAE. The sampler
+        # loaded the trained patcher itself, not a clone, so ComfyUI holds the model once.
         comfy.model_management.load_models_gpu([trainer.patcher], force_full_load=True)
         step = trainer.state.step
         self.folder.mkdir(parents=True, exist_ok=True)

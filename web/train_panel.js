@@ -1,6 +1,6 @@
-// The live training panel on the Train LoRA node: loss chart, learning rate, step, speed, ETA, the
-// newest sample images, and the Save now / Stop and save actions. It follows the pack's websocket
-// events (`lora_trainer.*`) and, when a page opens or reloads, redraws from /lora_trainer/status.
+// The live training panel on the Train LoRA node: loss chart, learning rate, step, speed, ETA, peak VRAM
+// (on CUDA), the newest sample images, and the Save now / Stop and save actions. It follows the pack's
+// websocket events (`lora_trainer.*`) and, when a page opens or reloads, redraws from /lora_trainer/status.
 
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
@@ -54,6 +54,11 @@ function formatDuration(seconds) {
   return h ? `${h}:${pad(m)}:${pad(s % 60)}` : `${m}:${pad(s % 60)}`;
 }
 
+// Bytes as GiB, as the terminal shows them; "" for none (a run off CUDA has no peak to show).
+function formatMemory(bytes) {
+  return Number.isFinite(bytes) ? `${(bytes / 2 ** 30).toFixed(2)} GiB` : "";
+}
+
 function viewUrl(image) {
   const query = new URLSearchParams({ filename: image.filename, subfolder: image.subfolder, type: image.type });
   return api.apiURL(`/view?${query}`);
@@ -84,7 +89,9 @@ class TrainPanel {
     const [lr, lrCell] = stat("lr");
     const [speed, speedCell] = stat("img/s");
     const [eta, etaCell] = stat("ETA");
-    this.fields = { step, loss, smooth, lr, speed, eta };
+    const [peak, peakCell] = stat("peak VRAM");
+    this.fields = { step, loss, smooth, lr, speed, eta, peak };
+    this.peakCell = peakCell;
     this.canvas = element("canvas", { className: "lora-chart" });
     this.chart = new LossChart(this.canvas);
     this.logToggle = element("input", { type: "checkbox", title: "Logarithmic loss axis" });
@@ -100,7 +107,7 @@ class TrainPanel {
     this.strip = element("div", { className: "lora-strip" });
     this.message = element("div", { className: "lora-message" });
     this.root = element("div", { className: "lora-panel" }, [
-      element("div", { className: "lora-stats" }, [stepCell, lossCell, smoothCell, lrCell, speedCell, etaCell]),
+      element("div", { className: "lora-stats" }, [stepCell, lossCell, smoothCell, lrCell, speedCell, etaCell, peakCell]),
       this.canvas,
       element("div", { className: "lora-row" }, [
         element("label", {}, [this.logToggle, " log"]), this.statusLine, this.saveButton, this.stopButton,
@@ -215,6 +222,9 @@ class TrainPanel {
     const speed = this.rates.images_per_second;
     f.speed.textContent = speed ? speed.toFixed(2) : "–";
     f.eta.textContent = this.status === "running" ? formatDuration(this.rates.eta_seconds) : "–";
+    const peak = formatMemory(this.rates.peak_vram_bytes);
+    f.peak.textContent = peak;
+    this.peakCell.hidden = !peak;
     this.statusLine.textContent = this.status ? STATUS_TEXT[this.status] : "no run yet";
     const running = this.status === "running";
     this.saveButton.disabled = !running;
@@ -224,7 +234,7 @@ class TrainPanel {
     // For scripts and tests that read the panel.
     Object.assign(this.root.dataset, {
       runId: this.runId ?? "", status: this.status ?? "", points: String(count), lastLoss: last === null ? "" : String(last),
-      samples: String(this.samples.length),
+      samples: String(this.samples.length), peakVram: peak,
     });
   }
 
