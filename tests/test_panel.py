@@ -50,9 +50,9 @@ def event(kind: str, /, **data):
     return Event(kind, data)
 
 
-def step_event(step: int, loss: float):
+def step_event(step: int, loss: float, peak_vram_bytes: int | None = None):
     return event("step", step=step, total_steps=10, loss=loss, lr=1e-4, images_per_second=2.0, eta_seconds=3.0,
-                 elapsed_seconds=1.5)
+                 elapsed_seconds=1.5, peak_vram_bytes=peak_vram_bytes)
 
 
 # -- the run record ------------------------------------------------------------------------------------
@@ -81,6 +81,14 @@ def test_a_run_record_keeps_what_a_reloaded_page_needs(live_runs, tmp_path: Path
     assert snapshot["samples"] == [{"step": 2, "prompt": "a cat", "image": {
         "filename": "step000002_00.png", "subfolder": "my_lora/samples", "type": "output"}}]
     assert snapshot["saves"] == [{"kind": "checkpoint", "step": 2}]
+
+
+def test_a_run_record_keeps_the_newest_peak_vram_and_none_off_cuda(live_runs, tmp_path: Path) -> None:
+    run = live_runs.RunRecord("7", "my_lora", 10, job=None, output_dir=tmp_path, checkpoint_hook=None)
+    run.record(step_event(1, 0.5))
+    assert run.snapshot()["peak_vram_bytes"] is None
+    sent = run.record(step_event(2, 0.25, peak_vram_bytes=6_979_321_856))
+    assert sent["peak_vram_bytes"] == run.snapshot()["peak_vram_bytes"] == 6_979_321_856
 
 
 def test_a_sample_outside_the_output_folder_is_never_pointed_at(live_runs, tmp_path: Path) -> None:
@@ -241,6 +249,18 @@ def test_the_panel_follows_a_flux_run_reloads_stops_and_resumes(comfy_server: Co
         queue(page, {"LoraTrainer_TrainLoRA": {"resume_from": "latest", "steps": stop_step + 2, "sample_every": 0}})
         finished = wait_for_panel(page, f"d.runId !== '{running['runId']}' && d.status === 'finished'")
         save_screenshot(page, shots / "5-resumed.png")
+        peak_cell = page.locator(f"{PANEL} .lora-stats > div", has_text="peak VRAM")
+        assert finished["peakVram"] == "" and peak_cell.is_hidden(), "a run on the CPU shows no peak VRAM"
+        # A run on CUDA sends its peak with every step; this server trains on the CPU, so the page is handed
+        # one such event as the websocket hands it over.
+        node = comfy_server.get_json("/lora_trainer/status")["run"]["node"]
+        cuda_step = {"run_id": finished["runId"], "node": node, "step": stop_step + 3, "total_steps": stop_step + 3,
+                     "loss": 0.5, "lr": 1e-3, "images_per_second": 1.0, "eta_seconds": 0.0,
+                     "peak_vram_bytes": 6_979_321_856}
+        page.evaluate("(detail) => window.comfyAPI.api.api.dispatchCustomEvent('lora_trainer.step', detail)",
+                      cuda_step)
+        assert wait_for_panel(page, "d.peakVram !== ''")["peakVram"] == "6.50 GiB"
+        assert peak_cell.is_visible() and peak_cell.inner_text().split() == ["peak", "VRAM", "6.50", "GiB"]
         assert not page.errors, f"the page raised: {page.errors}"
 
     resumed = comfy_server.get_json("/lora_trainer/status")["run"]
