@@ -122,6 +122,7 @@ class TrainLoraNode(io.ComfyNode):
         prompts = prompt_lines(sample_prompts)
         settings = None
         if prompts:
+            # Before the dataset, which takes the text encoders and the VAE off the card when it is done.
             settings = SampleSettings(prompts, seed=sample_seed, width=sample_size, height=sample_size).resolved(model)
             encoded = encode_prompts(clip, settings)
         samples, report = build_samples(dataset, model, clip, vae, folder_paths.get_input_directory(),
