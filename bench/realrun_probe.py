@@ -20,8 +20,9 @@ Records go to the JSON-lines file named by REALRUN_PROBE, one per line, with `ti
 - {"kind": "segment", "phase", "t0", "t1", peaks}: a stretch of time in one phase (phases nest: sampling
   inside training), with the allocator's peaks: `max_memory_allocated`/`_reserved` at its start and end
   (a peak reached in this segment shows as an increase, and is then exact), and the largest current values
-  the sampling thread saw (a lower bound of the segment's peak where it set no new overall peak). The
-  overall peak counters are never reset, so the engine's own peak readings stay valid;
+  the sampling thread saw (a lower bound of the segment's peak where it set no new overall peak). The probe
+  never resets the peak counters; the engine does when a run starts (the peak VRAM it shows is the run's),
+  and the probe closes the segment there and opens a new one, so that no segment straddles a reset;
 - {"kind": "event", "event", "t", "data", "frames"}: an event the TrainingJob queued (scalar data only) and
   how many frames torch.compile had compiled by then;
 - {"kind": "batch", "t", "shape"}: the latents' shape of each batch the trainer drew (its bucket);
@@ -165,6 +166,7 @@ class Probe:
             setup.update(total_gib=total / GIB, context_gib=context / GIB,
                          allocator_backend=torch.cuda.get_allocator_backend())
             threading.Thread(target=self._sample_memory, name="realrun-memory", daemon=True).start()
+            self._segment_at_peak_resets(torch)
         # What ComfyUI made of it (names of 0.3.75; absent ones are left out).
         reserved = getattr(model_management, "extra_reserved_memory", None)
         state = getattr(model_management, "vram_state", None)
@@ -172,6 +174,20 @@ class Probe:
                      comfy_vram_state=getattr(state, "name", None),
                      comfy_total_vram_gib=getattr(model_management, "total_vram", 0) / 1024)
         self.record("setup", **setup)
+
+    def _segment_at_peak_resets(self, torch) -> None:
+        """A reset of the peak counters (the engine's, as a run starts) ends a segment and starts the next."""
+        reset = torch.cuda.reset_peak_memory_stats
+        probe = self
+
+        @functools.wraps(reset)
+        def segmented_reset(*args, **kwargs):
+            with probe._lock:
+                probe._close_segment_locked()
+                reset(*args, **kwargs)
+                probe._segment = probe._new_segment()
+
+        torch.cuda.reset_peak_memory_stats = segmented_reset
 
     # -- the engine ---------------------------------------------------------------------------
 
