@@ -3,9 +3,10 @@ of the run with their peak memory, and the run's events with the time each was s
 product never imports it.
 
 `install()` runs first in the process, before ComfyUI is imported, and hooks the imports that matter:
-- `comfy.cli_args`: `torch.cuda.mem_get_info` is made to report the simulated card (its size as the total, the
-  free memory within it), as ComfyUI reads it when `comfy.model_management` is imported and at every placement
-  decision; ComfyUI's `--reserve-vram` is set when the command line did not set it;
+- `torch.cuda.memory`: `mem_get_info` is made to report the simulated card (its size as the total, the free
+  memory within it), as ComfyUI reads it when `comfy.model_management` is imported and at every placement
+  decision;
+- `comfy.cli_args`: ComfyUI's `--reserve-vram` is set when the command line did not set it;
 - `comfy.model_management` (which starts CUDA): PyTorch's allocator is capped at the simulated card's size
   less what this process already holds outside the allocator (its CUDA context, as on a real card), with
   `torch.cuda.set_per_process_memory_fraction`, and a thread starts sampling the allocator's current memory;
@@ -128,18 +129,16 @@ class Probe:
         args = cli_args_module.args
         if self.reserve_gib is not None and args.reserve_vram is None:
             args.reserve_vram = self.reserve_gib
-        if self.card_gib:
-            self.report_card_size()
 
-    def report_card_size(self) -> None:
+    def report_card_size(self, cuda_memory_module) -> None:
         """Makes `torch.cuda.mem_get_info` answer as the simulated card would: its size as the total, and the
         big card's free memory less what lies beyond the simulated card as free. ComfyUI reads both, for its
         total VRAM when `comfy.model_management` is imported and for every placement decision after (where a
         text encoder is built, how much of a model to load); capping the allocator alone leaves it seeing
-        the big card's free memory, and it then builds a 9 GB T5 on an "8 GB" card."""
-        import torch
-
-        real = torch.cuda.mem_get_info
+        the big card's free memory, and it then builds a 9 GB T5 on an "8 GB" card. Patched where it is defined,
+        as `torch.cuda.memory` is imported (torch.cuda then takes the name from it), so torch is imported no
+        earlier than the process would import it (a ComfyUI server picks its allocator before)."""
+        real = cuda_memory_module.mem_get_info
         card = int(self.card_gib * GIB)
 
         def simulated(device=None):
@@ -147,7 +146,7 @@ class Probe:
             return max(0, free - max(0, total - card)), min(total, card)
 
         self._real_mem_get_info = real
-        torch.cuda.mem_get_info = simulated
+        cuda_memory_module.mem_get_info = simulated
 
     def cap_allocator(self, model_management) -> None:
         import torch
@@ -256,7 +255,10 @@ class Probe:
 
     def after_import(self, name: str, module) -> None:
         engine_module = name.rpartition(f"{ENGINE}.")[2] if f"{ENGINE}." in name else None
-        if name == "comfy.cli_args":
+        if name == "torch.cuda.memory":
+            if self.card_gib:
+                self.report_card_size(module)
+        elif name == "comfy.cli_args":
             self.set_reserve(module)
         elif name == "comfy.model_management":
             self.cap_allocator(module)
@@ -277,7 +279,7 @@ class Probe:
             self.tap_batches(module)
 
 
-HOOKED = ("comfy.cli_args", "comfy.model_management")
+HOOKED = ("torch.cuda.memory", "comfy.cli_args", "comfy.model_management")
 HOOKED_ENGINE = ("loading", "data", "sampling", "export", "job", "trainer")
 
 
