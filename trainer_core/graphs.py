@@ -71,6 +71,12 @@ class GraphedSteps:
                 return self._eager(tensors)
             try:
                 captured = self._capture(key, tensors)
+            except torch.OutOfMemoryError:
+                # Recording holds a step's activations in the graphs' pool; on a full card (a second
+                # bucket's graph beside the first) the run goes on eagerly instead of failing.
+                log.warning("out of GPU memory while recording the training step as a CUDA graph; "
+                            "graphs are dropped and steps run eagerly")
+                return self._eager_without_graphs(tensors)
             except RuntimeError as error:
                 # Something in the step cannot be recorded (a read on the host, an operation CUDA
                 # graphs do not take): this run steps eagerly, as it would with cuda_graphs="off".
@@ -97,9 +103,14 @@ class GraphedSteps:
             # The graphs' pool keeps a recorded step's activations reserved beside this eager step's
             # (a new bucket's first batch): give the pool back and go on without graphs.
             log.warning("out of GPU memory beside the recorded CUDA graphs; they are dropped and steps run eagerly")
-            self._stop_graphs()
-            torch.cuda.empty_cache()
-            return self.forward_backward(*tensors)
+        return self._eager_without_graphs(tensors)
+
+    def _eager_without_graphs(self, tensors) -> torch.Tensor:
+        """Drops the graphs for the rest of the run and runs the step eagerly. Called after the failed
+        attempt's exception is handled: its traceback would keep that attempt's activations alive."""
+        self._stop_graphs()
+        torch.cuda.empty_cache()
+        return self.forward_backward(*tensors)
 
     def _stop_graphs(self) -> None:
         self._drop_graphs()
