@@ -174,6 +174,22 @@ def build(arch: Architecture, weight_dtype: torch.dtype, device: torch.device, c
     return comfy.model_patcher.ModelPatcher(model, load_device=load_device or device, offload_device=device)
 
 
+def autoencoder(latent_channels: int) -> torch.nn.Module:
+    """The SD/SDXL autoencoder (4 latent channels, quant convs) or SD3's and Flux's (16, none), at full size, as
+    ComfyUI's VAE loader rebuilds it from its keys; weights as the classes leave them (randomize_ fills them)."""
+    from comfy.ldm.models.autoencoder import AutoencoderKL, AutoencodingEngine
+
+    ddconfig = {"double_z": True, "z_channels": latent_channels, "resolution": 256, "in_channels": 3, "out_ch": 3,
+                "ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+    if latent_channels == 4:
+        return AutoencoderKL(ddconfig=ddconfig, embed_dim=latent_channels)
+    return AutoencodingEngine(
+        regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
+        encoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Encoder", "params": ddconfig},
+        decoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Decoder", "params": ddconfig},
+    )
+
+
 @torch.no_grad()
 def randomize_(module: torch.nn.Module, seed: int) -> None:
     """ComfyUI's ops allocate with torch.empty; fill every tensor so activations stay of order one.

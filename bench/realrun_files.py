@@ -207,22 +207,10 @@ def _encoder(encoder_class, device) -> dict:
 
 
 def _vae(latent_channels: int, device):
-    """The SD/SDXL autoencoder (4 latent channels, quant convs) or SD3's and Flux's (16, none), at full size,
-    as ComfyUI's VAE loader rebuilds it from these keys."""
+    """The autoencoder of that latent width at full size, as ComfyUI's VAE loader rebuilds it from these keys."""
     import architectures
-    from comfy.ldm.models.autoencoder import AutoencoderKL, AutoencodingEngine
 
-    ddconfig = {"double_z": True, "z_channels": latent_channels, "resolution": 256, "in_channels": 3, "out_ch": 3,
-                "ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
-    if latent_channels == 4:
-        vae = AutoencoderKL(ddconfig=ddconfig, embed_dim=latent_channels)
-    else:
-        vae = AutoencodingEngine(
-            regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
-            encoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Encoder", "params": ddconfig},
-            decoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Decoder", "params": ddconfig},
-        )
-    vae.to(device)
+    vae = architectures.autoencoder(latent_channels).to(device)
     architectures.randomize_(vae, seed=3)
     return vae
 

@@ -18,6 +18,9 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "tests"))
+# The test models take their configs from bench/ in the root; appended, so ComfyUI's own `nodes` module comes
+# before the pack's `nodes/` package.
+sys.path.append(str(REPO_ROOT))
 
 from live_server import comfy_host_path, running_comfy_server  # noqa: E402
 

@@ -40,8 +40,9 @@ import comfy.text_encoders.sd3_clip
 import comfy.utils
 import safetensors.torch
 import torch
-from comfy.ldm.models.autoencoder import AutoencoderKL, AutoencodingEngine
 from comfy.supported_models_base import ClipTarget
+
+from bench.architectures import autoencoder
 
 log = logging.getLogger(__name__)
 
@@ -166,19 +167,7 @@ def _vae_file(latent_channels: int) -> Path:
     if latent_channels not in (4, 16):
         raise ValueError(f"latent_channels must be 4 (SDXL) or 16 (SD3, Flux), not {latent_channels}")
     started = time.perf_counter()
-    # The SD/SDXL autoencoder, which ComfyUI's VAE detection assumes for this key layout.
-    ddconfig = {
-        "double_z": True, "z_channels": latent_channels, "resolution": 256, "in_channels": 3, "out_ch": 3,
-        "ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0,
-    }
-    if latent_channels == 4:
-        model = AutoencoderKL(ddconfig=ddconfig, embed_dim=latent_channels)
-    else:
-        model = AutoencodingEngine(
-            regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
-            encoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Encoder", "params": ddconfig},
-            decoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Decoder", "params": ddconfig},
-        )
+    model = autoencoder(latent_channels)  # bench/architectures.py: the layout ComfyUI's VAE loader reads
     randomize_(model, _seed(f"vae-{latent_channels}"))  # fp32, as sdxl_vae.safetensors
     path = _save(model, f"vae_{latent_channels}ch")
     log.info("wrote %s in %.1f s", path.name, time.perf_counter() - started)
