@@ -69,22 +69,10 @@ class GraphedSteps:
             if key not in self._seen or len(self._graphs) >= self.max_shapes:
                 self._seen.add(key)
                 return self._eager(tensors)
-            try:
-                captured = self._capture(key, tensors)
-            except torch.OutOfMemoryError:
-                # Recording holds a step's activations in the graphs' pool; on a full card (a second
-                # bucket's graph beside the first) the run goes on eagerly instead of failing.
-                log.warning("out of GPU memory while recording the training step as a CUDA graph; "
-                            "graphs are dropped and steps run eagerly")
+            captured = self._record(key, tensors)
+            if captured is None:
+                # Outside the failed recording's handler: its traceback would keep that attempt's memory.
                 return self._eager_without_graphs(tensors)
-            except RuntimeError as error:
-                # Something in the step cannot be recorded (a read on the host, an operation CUDA
-                # graphs do not take): this run steps eagerly, as it would with cuda_graphs="off".
-                message = str(error).strip()
-                log.warning("the training step could not be recorded as a CUDA graph, steps run eagerly: %s",
-                            message.splitlines()[0] if message else type(error).__name__)
-                self._stop_graphs()
-                return self.forward_backward(*tensors)
         else:
             for buffer, tensor in zip(captured.inputs, tensors, strict=True):
                 buffer.copy_(tensor)
@@ -93,6 +81,23 @@ class GraphedSteps:
             parameter.grad = grad
         # The graph writes its loss into the same buffer at every replay.
         return captured.loss.clone()
+
+    def _record(self, key: tuple, tensors) -> _Captured | None:
+        """The step recorded as a graph for this shape, or None where it cannot be (the run then steps eagerly)."""
+        try:
+            return self._capture(key, tensors)
+        except torch.OutOfMemoryError:
+            # Recording holds a step's activations in the graphs' pool; on a full card (a second bucket's
+            # graph beside the first) the run goes on eagerly instead of failing.
+            log.warning("out of GPU memory while recording the training step as a CUDA graph; "
+                        "graphs are dropped and steps run eagerly")
+        except RuntimeError as error:
+            # Something in the step cannot be recorded (a read on the host, an operation CUDA graphs do
+            # not take): this run steps eagerly, as it would with cuda_graphs="off".
+            message = str(error).strip()
+            log.warning("the training step could not be recorded as a CUDA graph, steps run eagerly: %s",
+                        message.splitlines()[0] if message else type(error).__name__)
+        return None
 
     def _eager(self, tensors) -> torch.Tensor:
         try:
