@@ -275,6 +275,15 @@ def with_trainer_step(step):
     return change
 
 
+def as_if_trained_on_a_gpu(folder: Path) -> None:
+    """The noise generator's state as a CUDA generator keeps it (seed and offset, 16 bytes)."""
+    header = json.loads((folder / "resume.json").read_text())
+    name = header["state"]["trainer"]["generator"][export.TENSOR]
+    tensors = safetensors.torch.load_file(folder / "resume.safetensors")
+    tensors[name] = torch.zeros(16, dtype=torch.uint8)
+    safetensors.torch.save_file(tensors, folder / "resume.safetensors")
+
+
 CRAFTED = {
     "truncated json": (lambda f: (f / "resume.json").write_text('{"format": 1, "st'),
                        "is damaged: resume.json cannot be read"),
@@ -286,6 +295,7 @@ CRAFTED = {
                                           "do not fit together"),
     "negative step": (lambda f: rewrite_json(f, with_trainer_step(-2)), "its step is -2, not a whole number"),
     "step past the run": (lambda f: rewrite_json(f, with_trainer_step(10**30)), "past this run's train.steps"),
+    "trained on a GPU": (as_if_trained_on_a_gpu, "was trained on another kind of device than this run's (cpu)"),
 }
 MISMATCHED = {
     "optimizer": ({"optimizer": "adamw8bit"}, "trained with train.optimizer 'adamw', this run uses 'adamw8bit': set "

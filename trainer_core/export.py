@@ -639,6 +639,11 @@ def _check_fits(trainer: Trainer, checkpoint: Checkpoint) -> None:
     for key in ("generator", "caption_generator", "torch_rng"):
         if not isinstance(state.get(key), torch.Tensor) or state[key].dtype != torch.uint8:
             raise CheckpointError(f"checkpoint {folder} is damaged: its {key} state is missing")
+    # The noise generator lives on the training device; its state's size tells a GPU run from a CPU one.
+    if state["generator"].numel() != trainer.generator.get_state().numel() or (
+            bool(state.get("cuda_rng")) != (trainer.device.type == "cuda")):
+        raise CheckpointError(f"checkpoint {folder} was trained on another kind of device than this run's "
+                              f"({trainer.device.type}): resume it on the device it was trained on")
     optimizer = state.get("optimizer")
     groups = optimizer.get("param_groups") if isinstance(optimizer, dict) else None
     if not isinstance(groups, list) or [len(g.get("params", ())) for g in groups if isinstance(g, dict)] != [
@@ -651,14 +656,17 @@ def resume(trainer: Trainer, path: str | os.PathLike) -> Checkpoint:
     """Continues `trainer` where a checkpoint left off (LoRA weights, optimizer, step, data order,
     random state); returns the checkpoint used (its folder and run id: a CheckpointHook given it
     continues that run). Build the trainer with the run's own LoRA and training configs: the weights
-    must fit, and the schedule follows `steps`. Every check comes before the trainer is touched."""
+    must fit, and the schedule follows `steps`. Every check that can be made on the files comes before the
+    trainer is touched; only an earlier version's checkpoint, which did not record its optimizer, can still
+    be refused by the optimizer itself once the weights are in."""
     checkpoint = read_checkpoint(path)
     _check_fits(trainer, checkpoint)
     trainer.network.load_state_dict(checkpoint.weights)
     try:
         trainer.load_resume_state(checkpoint.state)
     except (KeyError, ValueError, RuntimeError, TypeError) as error:
-        # A checkpoint of an earlier version, which did not record its optimizer: the state of another.
+        # What _check_fits cannot see: a checkpoint of an earlier version, which did not record its
+        # optimizer, holding the state of another one.
         raise CheckpointError(
             f"checkpoint {checkpoint.folder} does not fit this run's optimizer ({type(error).__name__}: {error}); "
             "resume with the optimizer it was trained with"
