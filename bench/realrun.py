@@ -241,8 +241,12 @@ class MemoryUsedPoller:
 
     def stop(self) -> None:
         self._process.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
+        try:
             self._process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            # It runs in a session of its own: nothing else would end it.
+            self._process.kill()
+            self._process.wait()
 
 
 class Bench:

@@ -13,6 +13,7 @@ from ..trainer_core import export
 from ..trainer_core.config import (
     COMPILE_MODES,
     MAX_LEARNING_RATE,
+    MAX_STEPS,
     OPTIMIZERS,
     PRECISIONS,
     SAVE_FORMATS,
@@ -50,7 +51,7 @@ class TrainLoraNode(io.ComfyNode):
                 io.Custom("LORA_CONFIG").Input("lora_config", tooltip="From the LoRA Config node."),
                 io.String.Input("output_name", default="my_lora",
                                 tooltip="Name of the LoRA file and of its folder under loras/ and output/."),
-                io.Int.Input("steps", default=1000, min=1, max=1_000_000, tooltip="Optimizer steps to train."),
+                io.Int.Input("steps", default=1000, min=1, max=MAX_STEPS, tooltip="Optimizer steps to train."),
                 io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=MAX_LEARNING_RATE, step=1e-5,
                                tooltip="Peak learning rate (Prodigy: use 1.0)."),
                 io.Combo.Input("optimizer", options=list(OPTIMIZERS), default="adamw8bit",

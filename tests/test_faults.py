@@ -30,7 +30,7 @@ from test_export import CancelAt, samples, train_config, weights_of
 from test_graph import run, tiny_loader, trainer_events, training_graph, unique
 from tiny_models import MODEL_FACTORIES
 
-from trainer_core import export
+from trainer_core import export, headless
 from trainer_core.config import ConfigError, LoraConfig, SaveConfig, TrainConfig
 from trainer_core.job import JobHook, TrainingFailed, TrainingJob
 from trainer_core.trainer import Trainer
@@ -499,3 +499,44 @@ def test_a_relative_resume_from_is_taken_from_comfyuis_output_folder(comfy_serve
     assert [s["step"] for s in trainer_events(events, "step")] == [2]
     assert trainer_events(events, "saved")[-1]["name"] == f"{second}/{second}.safetensors"
     assert_loads(checkpoint, 1)
+
+
+def test_out_of_memory_in_a_preview_says_so_and_saves_the_step_before_it(tmp_path):
+    """A preview between steps 2 and 3 runs out of memory (a stand-in hook raises CUDA's error, as sampling
+    at a large size would on the GPU): the message places it after step 2, not in step 3, and step 2 is saved."""
+
+    class PreviewOutOfMemory(JobHook):
+        every = 2
+
+        def on_step(self, trainer):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB (stand-in)")
+
+    save = SaveConfig(name="oom-preview", output_dir=str(tmp_path))
+    trainer = trainer_for(MODEL_FACTORIES["sd3"](), LoraConfig(rank=2), train_config(steps=5))
+    job = TrainingJob(trainer, [export.CheckpointHook(save), PreviewOutOfMemory()])
+    with job:
+        events = list(job.events())
+    message = events[-1].data["message"]
+    assert events[-1].kind == "error"
+    assert message.startswith("out of memory while previewing or saving after step 2 (CUDA out of memory.")
+    assert f"the last whole step, 2, is saved in {export.checkpoints_folder(save) / 'step-000002'}" in message
+    assert_loads(export.checkpoints_folder(save) / "step-000002", 2)
+
+
+def test_lora_train_says_how_to_continue_after_running_out_of_memory(tmp_path, caplog):
+    """The command line's view of the same error: the message once, then the command that resumes."""
+
+    class PreviewOutOfMemory(JobHook):
+        every = 2
+
+        def on_step(self, trainer):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB (stand-in)")
+
+    save = SaveConfig(name="oom-cli", output_dir=str(tmp_path))
+    trainer = trainer_for(MODEL_FACTORIES["sd3"](), LoraConfig(rank=2), train_config(steps=5))
+    job = TrainingJob(trainer, [export.CheckpointHook(save), PreviewOutOfMemory()])
+    with caplog.at_level(logging.INFO):
+        code = headless.watch(job, "lora-train train oom.yaml --resume", show=False)
+    assert code == headless.EXIT_FAILED
+    assert caplog.text.count("out of memory while previewing or saving after step 2") == 1
+    assert "Continue with: lora-train train oom.yaml --resume" in caplog.text

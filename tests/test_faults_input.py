@@ -146,8 +146,6 @@ def test_forty_save_requests_write_one_checkpoint_per_step_boundary(comfy_server
     steps = [save["step"] for save in saves]
     assert all(save["kind"] == "checkpoint" for save in saves)
     assert len(steps) == len(set(steps)), f"two checkpoints at one step: {steps}"
-    coalesced = sum(answer["already_requested"] for answer in answers)
-    assert coalesced >= 40 - len(steps), "every request beyond one per step boundary was folded into another"
     folders = list_checkpoints(comfy_server.output_dir / name / "checkpoints")
     assert [folder.name for folder in folders] == [f"step-{step:06d}" for step in sorted(steps)]
 

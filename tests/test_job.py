@@ -158,3 +158,16 @@ def test_step_events_carry_the_peak_vram_on_cuda_only(monkeypatch):
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: asked.append(device) or 6_979_321_856)
     assert peak_vram_bytes(torch.device("cuda", 1)) == 6_979_321_856
     assert asked == [torch.device("cuda", 1)]
+
+
+def test_requests_made_before_a_step_boundary_run_their_hook_once():
+    """Forty "save now" requests before the next boundary are one: the first is taken, the others are told
+    they were already made, and the hook runs once, at that boundary (the routes answer from this)."""
+    hook = RecordingHook(every=0)
+    job = TrainingJob(make_trainer(steps=3), [hook])
+    answers = [job.request(hook) for _ in range(40)]
+    assert answers.count(True) == 1 and answers[0] is True
+    job.start()
+    list(job.events())
+    job.result()
+    assert [call["step"] for call in hook.calls] == [1]

@@ -22,6 +22,8 @@ SAVE_DTYPES = ("bf16", "fp16", "fp32")
 # Above it every optimizer here diverges in the first steps (adaptive ones, Prodigy, take 1.0); inf, NaN
 # and values like 1e38 would make the weights non-finite before the loss shows it.
 MAX_LEARNING_RATE = 10.0
+# A million steps is weeks on any card; a larger count is a typo (and overflows the ETA's arithmetic).
+MAX_STEPS = 1_000_000
 # Key layouts of the LoRA file: kohya's `lora_unet_*` names, or diffusers' own (diffusers_format.py).
 SAVE_FORMATS = ("comfyui", "diffusers")
 
@@ -115,6 +117,7 @@ class TrainConfig:
         for name in ("steps", "batch_size", "gradient_accumulation", "log_every"):
             value = getattr(self, name)
             _require(isinstance(value, int) and value >= 1, owner, name, f"must be an integer >= 1, got {value!r}")
+        _require(self.steps <= MAX_STEPS, owner, "steps", f"must be <= {MAX_STEPS}, got {self.steps!r}")
         lr = self.learning_rate
         lr_ok = isinstance(lr, (int, float)) and not isinstance(lr, bool) and 0 < lr <= MAX_LEARNING_RATE
         _require(lr_ok, owner, "learning_rate", f"must be a number > 0 and <= {MAX_LEARNING_RATE:g} (AdamW trains "

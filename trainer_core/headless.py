@@ -25,7 +25,7 @@ from . import distributed, export, loading
 from .config import ConfigError, LoraConfig, SaveConfig, TrainConfig
 from .data import DatasetConfig, DatasetError, build_samples
 from .families import UnsupportedModelError
-from .job import Event, TrainingFailed, TrainingJob
+from .job import Event, OutOfMemory, TrainingFailed, TrainingJob
 from .sampling import SampleHook, SampleSettings, encode_prompts
 from .trainer import Trainer
 from .yaml_config import FAMILY_FLAGS, ConfigFileError, ResolvedConfig
@@ -143,6 +143,8 @@ def loader_of(config: ResolvedConfig, key: str, path: str, what: str, hint: str)
         raise
     except Exception as error:  # noqa: BLE001 - whatever a loader raises on a file, the file is wrong
         first_line = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        # The user reads one line; the loader's traceback stays in the debug log, should the fault be ours.
+        log.debug("loading %s failed", path, exc_info=True)
         raise config.error(key, f"{path} cannot be loaded as {what} ({first_line}): {hint}") from None
 
 
@@ -297,7 +299,11 @@ def watch(job: TrainingJob, command: str, show: bool = True) -> int:
     try:
         job.result()
     except TrainingFailed as error:
-        log.error("%s", error)
+        if isinstance(error.__cause__, OutOfMemory):
+            # The job logged what was saved and what to lower; after lowering it, this continues.
+            log.error("Continue with: %s", command)
+        else:
+            log.error("%s", error)
         return EXIT_FAILED
     # A cancel that lands on the last step still finished the run.
     step = job.trainer.state.step

@@ -81,6 +81,8 @@ class TrainingJob:
         # (step, folder) of the newest checkpoint a hook saved. A checkpoint hook that saved at the
         # step a run stops at does not save it again, so the message of that stop names this one.
         self._last_checkpoint: tuple[int, str] | None = None
+        # Whether previews or saves are running between two steps (an out-of-memory error there is not a step's).
+        self._hooks_running = False
         self._compiling = _CompileTime()
 
     # -- control, from any thread ------------------------------------------------------------
@@ -184,7 +186,8 @@ class TrainingJob:
         saved = saved_step == step
         kept = (f"the last whole step, {step}, is saved in {folder}" if saved
                 else f"the run stopped at step {step}, and no checkpoint was saved")
-        return (f"out of memory in step {step + 1} ({error}); {kept}. To fit, " + "; or ".join(MEMORY_SETTINGS)
+        where = f"while previewing or saving after step {step}" if self._hooks_running else f"in step {step + 1}"
+        return (f"out of memory {where} ({error}); {kept}. To fit, " + "; or ".join(MEMORY_SETTINGS)
                 + (", then resume from that checkpoint" if saved else ""))
 
     def _between_steps(self, trainer: Trainer, reports: list[StepReport]) -> bool:
@@ -199,9 +202,11 @@ class TrainingJob:
         # A hook that is due anyway runs once at this step.
         due += [hook for hook in requested if hook not in due]
         if due:
+            self._hooks_running = True
             with self._paused():
                 for hook in due:
                     self._emit(hook.on_step(trainer))
+            self._hooks_running = False
         self._compiling.step_begins(trainer.state.samples_seen)
         return not self._cancel.is_set()
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 from yaml.constructor import SafeConstructor
 
-from .config import MAX_LEARNING_RATE, OPTIMIZERS, SAVE_FORMATS, SCHEDULES, ConfigError
+from .config import MAX_LEARNING_RATE, MAX_STEPS, OPTIMIZERS, SAVE_FORMATS, SCHEDULES, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ SAVE = {
 }
 TRAIN = {
     "batch_size": Key("int", 1),
-    "steps": Key("int", 1000, maximum=1_000_000),
+    "steps": Key("int", 1000, maximum=MAX_STEPS),
     "gradient_accumulation": Key("int", 1, aliases=("gradient_accumulation_steps",)),
     "lr": Key("float", 1e-4, maximum=MAX_LEARNING_RATE),
     "optimizer": Key("str", "adamw8bit", OPTIMIZERS),
