@@ -238,8 +238,14 @@ def test_the_panel_follows_a_flux_run_reloads_stops_and_resumes(comfy_server: Co
         events.wait_for(lambda m: m["type"] == "lora_trainer.done" and m["data"]["run_id"] == running["runId"])
         steps = [m["data"] for m in events.messages("lora_trainer.step") if m["data"]["run_id"] == running["runId"]]
         run = comfy_server.get_json("/lora_trainer/status")["run"]
-        assert float(stopped["lastLoss"]) == steps[-1]["loss"] == run["history"]["loss"][-1]
-        assert int(stopped["points"]) == len(steps) == len(run["history"]["loss"])
+        history = run["history"]
+        assert float(stopped["lastLoss"]) == steps[-1]["loss"] == history["loss"][-1]
+        assert int(stopped["points"]) == len(history["loss"]) == history["step"][-1]
+        # This socket can miss broadcasts around the page's reload (once on 0.3.75 it got 15 of 18 step events:
+        # ComfyUI's broadcast loop stops at a socket that fails in a way it does not catch); every step it did
+        # get is in the run's history, which the panel drew whole.
+        by_step = dict(zip(history["step"], history["loss"], strict=True))
+        assert all(by_step[s["step"]] == s["loss"] for s in steps)
         stop_step = run["step"]
         assert run["saves"] == [{"kind": "checkpoint", "step": step} for step in (saved["step"], stop_step)]
         assert (comfy_server.output_dir / name / "checkpoints" / f"step-{stop_step:06d}").is_dir()
