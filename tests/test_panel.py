@@ -241,9 +241,8 @@ def test_the_panel_follows_a_flux_run_reloads_stops_and_resumes(comfy_server: Co
         history = run["history"]
         assert float(stopped["lastLoss"]) == steps[-1]["loss"] == history["loss"][-1]
         assert int(stopped["points"]) == len(history["loss"]) == history["step"][-1]
-        # This socket can miss broadcasts around the page's reload (once on 0.3.75 it got 15 of 18 step events:
-        # ComfyUI's broadcast loop stops at a socket that fails in a way it does not catch); every step it did
-        # get is in the run's history, which the panel drew whole.
+        # This socket can miss broadcasts around the page's reload (once on 0.3.75 it got 15 of the 18 step
+        # events the panel drew; cause not traced); every step it did get is in the run's history.
         by_step = dict(zip(history["step"], history["loss"], strict=True))
         assert all(by_step[s["step"]] == s["loss"] for s in steps)
         stop_step = run["step"]
