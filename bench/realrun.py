@@ -415,9 +415,11 @@ class Bench:
 
 
 def git_commit() -> str:
+    """HEAD, marked "-dirty" where the working tree differs from it: the device tool's copy of the tree carries
+    the session's first commit in its git data, so a bare hash there names code that did not run."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
+        return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True,
+                              timeout=30).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
 
