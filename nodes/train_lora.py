@@ -1,6 +1,5 @@
 import dataclasses
 import time
-from pathlib import Path
 
 import comfy.model_management
 import comfy.utils
@@ -132,13 +131,10 @@ class TrainLoraNode(io.ComfyNode):
         trainer = Trainer(model, samples, lora_config, train)
         resumed = None
         if resume_from.strip():
-            # A relative path is one inside ComfyUI's output folder, where checkpoints are saved.
-            target = (export.checkpoints_folder(save) if resume_from.strip() == "latest"
-                      else Path(folder_paths.get_output_directory()) / resume_from.strip())
             # ComfyUI runs nodes under inference mode: optimizer state loaded there would be made of
             # inference tensors, which the training thread cannot update in place.
             with torch.inference_mode(False):
-                resumed = export.resume(trainer, target)
+                resumed = export.resume(trainer, export.resume_target(save, resume_from.strip()))
         checkpoints = export.CheckpointHook(save, started_at=time.time(), resumed=resumed)
         hooks = [checkpoints]
         if settings is not None:

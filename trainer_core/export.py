@@ -411,6 +411,15 @@ def checkpoints_folder(save: SaveConfig) -> Path:
     return Path(save.output_dir or folder_paths.get_output_directory()) / save.name / "checkpoints"
 
 
+def resume_target(save: SaveConfig, resume_from: str) -> Path:
+    """What a Train LoRA's `resume_from` names: `latest`, this name's checkpoints folder (its newest
+    checkpoint of the newest run); a relative path, one inside the output folder, where checkpoints are
+    saved (not the folder ComfyUI was started from); an absolute path, itself."""
+    if resume_from == "latest":
+        return checkpoints_folder(save)
+    return Path(save.output_dir or folder_paths.get_output_directory()) / resume_from
+
+
 def checkpoint_lora_name(name: str, step: int) -> str:
     return f"{name}-step{step:06d}.safetensors"
 
