@@ -501,19 +501,25 @@ def test_a_relative_resume_from_is_taken_from_comfyuis_output_folder(comfy_serve
     assert_loads(checkpoint, 1)
 
 
-def test_out_of_memory_in_a_preview_says_so_and_saves_the_step_before_it(tmp_path):
-    """A preview between steps 2 and 3 runs out of memory (a stand-in hook raises CUDA's error, as sampling
-    at a large size would on the GPU): the message places it after step 2, not in step 3, and step 2 is saved."""
+class PreviewOutOfMemory(JobHook):
+    """A preview between steps 2 and 3 that runs out of memory: a stand-in raising CUDA's error, as sampling at a
+    large size would on the GPU."""
 
-    class PreviewOutOfMemory(JobHook):
-        every = 2
+    every = 2
 
-        def on_step(self, trainer):
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB (stand-in)")
+    def on_step(self, trainer):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB (stand-in)")
 
-    save = SaveConfig(name="oom-preview", output_dir=str(tmp_path))
+
+def job_with_a_preview_out_of_memory(save: SaveConfig) -> TrainingJob:
     trainer = trainer_for(MODEL_FACTORIES["sd3"](), LoraConfig(rank=2), train_config(steps=5))
-    job = TrainingJob(trainer, [export.CheckpointHook(save), PreviewOutOfMemory()])
+    return TrainingJob(trainer, [export.CheckpointHook(save), PreviewOutOfMemory()])
+
+
+def test_out_of_memory_in_a_preview_says_so_and_saves_the_step_before_it(tmp_path):
+    """The message places the error after step 2, not in step 3, and step 2 is saved."""
+    save = SaveConfig(name="oom-preview", output_dir=str(tmp_path))
+    job = job_with_a_preview_out_of_memory(save)
     with job:
         events = list(job.events())
     message = events[-1].data["message"]
@@ -525,16 +531,7 @@ def test_out_of_memory_in_a_preview_says_so_and_saves_the_step_before_it(tmp_pat
 
 def test_lora_train_says_how_to_continue_after_running_out_of_memory(tmp_path, caplog):
     """The command line's view of the same error: the message once, then the command that resumes."""
-
-    class PreviewOutOfMemory(JobHook):
-        every = 2
-
-        def on_step(self, trainer):
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB (stand-in)")
-
-    save = SaveConfig(name="oom-cli", output_dir=str(tmp_path))
-    trainer = trainer_for(MODEL_FACTORIES["sd3"](), LoraConfig(rank=2), train_config(steps=5))
-    job = TrainingJob(trainer, [export.CheckpointHook(save), PreviewOutOfMemory()])
+    job = job_with_a_preview_out_of_memory(SaveConfig(name="oom-cli", output_dir=str(tmp_path)))
     with caplog.at_level(logging.INFO):
         code = headless.watch(job, "lora-train train oom.yaml --resume", show=False)
     assert code == headless.EXIT_FAILED

@@ -152,6 +152,11 @@ def write_lora(path: str | os.PathLike, trainer: Trainer, save: SaveConfig, star
     if not all_finite(trainer.network):
         raise FloatingPointError(f"the LoRA's weights are not finite (NaN or inf) at step {trainer.state.step}; "
                                  f"{path} is not written. Lower train.learning_rate or use precision bf16/fp32")
+    _write_lora_file(path, trainer, save, started_at)
+
+
+def _write_lora_file(path: str | os.PathLike, trainer: Trainer, save: SaveConfig, started_at: float) -> None:
+    """The LoRA file, its weights already known to be finite."""
     metadata = lora_metadata(
         trainer.family, trainer.lora_config, trainer.config, name=save.name, steps=trainer.state.step,
         started_at=started_at, trigger_word=save.trigger_word, dataset=save.dataset,
@@ -231,21 +236,22 @@ def _write_atomically(path: Path, write: Callable[[str], None]) -> None:
 
 def _create_temp_file(folder: Path, prefix: str) -> tuple[int, Path]:
     """A new, empty `<prefix><random>.tmp` in `folder`, open for writing, with the umask's mode."""
-    while True:
-        temp = folder / f"{prefix}{secrets.token_hex(6)}.tmp"
-        try:
-            return os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), temp
-        except FileExistsError:
-            continue
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    return _new_temp(folder, prefix, lambda temp: os.open(temp, flags, 0o666))
 
 
 def _make_temp_folder(folder: Path, prefix: str) -> Path:
     """A new, empty `<prefix><random>.tmp` folder in `folder`, with the umask's mode."""
+    return _new_temp(folder, prefix, lambda temp: os.mkdir(temp, 0o777))[1]
+
+
+def _new_temp(folder: Path, prefix: str, create: Callable[[Path], object]) -> tuple[object, Path]:
+    """(what `create(path)` returns, path) at a new `<prefix><random>.tmp` path in `folder`; `create`
+    raises FileExistsError where the name is taken, and another is tried."""
     while True:
         temp = folder / f"{prefix}{secrets.token_hex(6)}.tmp"
         try:
-            os.mkdir(temp, 0o777)
-            return temp
+            return create(temp), temp
         except FileExistsError:
             continue
 
@@ -407,8 +413,13 @@ def new_run_id() -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
+def output_folder(save: SaveConfig) -> Path:
+    """Where a run's files go: `save.output_dir`, else ComfyUI's output folder."""
+    return Path(save.output_dir or folder_paths.get_output_directory())
+
+
 def checkpoints_folder(save: SaveConfig) -> Path:
-    return Path(save.output_dir or folder_paths.get_output_directory()) / save.name / "checkpoints"
+    return output_folder(save) / save.name / "checkpoints"
 
 
 def resume_target(save: SaveConfig, resume_from: str) -> Path:
@@ -417,7 +428,7 @@ def resume_target(save: SaveConfig, resume_from: str) -> Path:
     saved (not the folder ComfyUI was started from); an absolute path, itself."""
     if resume_from == "latest":
         return checkpoints_folder(save)
-    return Path(save.output_dir or folder_paths.get_output_directory()) / resume_from
+    return output_folder(save) / resume_from
 
 
 def checkpoint_lora_name(name: str, step: int) -> str:
@@ -446,7 +457,8 @@ def save_checkpoint(trainer: Trainer, save: SaveConfig, started_at: float, run_i
         final = root / f"step-{step:06d}"
         staging = _make_temp_folder(root, f".{final.name}.")
         try:
-            write_lora(staging / checkpoint_lora_name(save.name, step), trainer, save, started_at)
+            # _refuse_non_finite has checked the weights.
+            _write_lora_file(staging / checkpoint_lora_name(save.name, step), trainer, save, started_at)
             state = {"network": trainer.network.state_dict(), "trainer": trainer.resume_state()}
             skeleton, tensors = flatten_state(state)
             write_safetensors_atomic(staging / "resume.safetensors", tensors)
@@ -464,7 +476,7 @@ def save_checkpoint(trainer: Trainer, save: SaveConfig, started_at: float, run_i
 def _refuse_non_finite(trainer: Trainer, root: Path, run_id: str) -> None:
     if all_finite(trainer.network):
         return
-    good = [path for path in newest_first(root, root / f"run-{run_id}") if run_of(path) == run_id]
+    good = own_checkpoints(root, run_id)
     kept = f"the last good checkpoint, {good[0]}, is kept" if good else "no earlier checkpoint of this run was saved"
     raise FloatingPointError(
         f"the LoRA's weights are not finite (NaN or inf) at step {trainer.state.step}, so they were not saved; "
@@ -540,11 +552,17 @@ def newest_first(*folders: str | os.PathLike) -> list[Path]:
     return sorted((p for folder in folders for p in list_checkpoints(folder)), key=saved_at, reverse=True)
 
 
+def own_checkpoints(root: Path, run_id: str) -> list[Path]:
+    """Run `run_id`'s checkpoints under a name's checkpoints folder `root`, also those another run of the
+    name moved aside, the last saved first."""
+    return [path for path in newest_first(root, root / f"run-{run_id}") if run_of(path) == run_id]
+
+
 def _prune(root: Path, run_id: str, keep_last: int) -> None:
     """Drops all but the last `keep_last` saved checkpoints of run `run_id` (0 keeps all), also those
     another run of the name moved aside."""
     if keep_last:
-        for path in [p for p in newest_first(root, root / f"run-{run_id}") if run_of(p) == run_id][keep_last:]:
+        for path in own_checkpoints(root, run_id)[keep_last:]:
             shutil.rmtree(path)
 
 
@@ -725,7 +743,7 @@ class CheckpointHook(JobHook):
             checkpoint = self._checkpoint(trainer).data["path"]
         except (OSError, safetensors.SafetensorError) as error:
             root = checkpoints_folder(self.save)
-            own = [p for p in newest_first(root, root / f"run-{self.run_id}") if run_of(p) == self.run_id]
+            own = own_checkpoints(root, self.run_id)
             newest = f"the newest checkpoint of this run is {own[0]}" if own else "no checkpoint of this run is saved"
             raise SaveFailed(
                 f"the LoRA of step {step} could not be written ({lora_error}), nor a checkpoint of it ({error}); "
