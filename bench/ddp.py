@@ -2,7 +2,8 @@
 
 Every rank builds the same full-size random model (bench/architectures.py) and the same random samples,
 and trains with `trainer_core.distributed.ShardedTrainer` (NCCL on GPUs) at a global batch of N (one
-sample per GPU): 1024², rank 16, bf16, per-block checkpointing, AdamW. Rank 0 prints the median step
+sample per GPU): 1024², rank 16, bf16, per-block checkpointing, AdamW; LoRA gradients summed in buckets
+while backward runs (distributed.GradientBuckets). Rank 0 prints the median step
 time after the warm-up and the images per second; run it with N = 1 and N = 2 to compare.
 """
 
@@ -24,6 +25,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--resolution", type=int, default=1024)
+    parser.add_argument("--compile-blocks", choices=("auto", "on", "off"), default="auto",
+                        help="the engine's compile_blocks; 'off' saves each run's compile when only the ratio counts")
     args = parser.parse_args()
     import_host(cpu=False)  # under torchrun it gives each process its own GPU
 
@@ -41,7 +44,7 @@ def main() -> None:
     arch = architectures.FULL[args.model]
     patcher = architectures.build(arch, torch.bfloat16, device, check_detection=False)
     config = TrainConfig(steps=args.steps, learning_rate=1e-4, batch_size=world_size, precision="bf16",
-                         gradient_checkpointing=True)
+                         gradient_checkpointing=True, compile_blocks=args.compile_blocks)
     family = family_for(patcher.model, config)
     latents, texts = architectures.random_dataset(arch, 4 * world_size, args.resolution)
     samples = [Sample(latent, family.conditioning(text.cond, text.pooled, args.resolution, args.resolution))

@@ -385,9 +385,13 @@ def test_the_console_script_is_the_cli():
     assert callable(cli.main)
 
 
-def test_torchrun_with_two_processes_trains_the_lora_of_one_process(files, tmp_path):
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_torchrun_with_two_processes_trains_the_lora_of_one_process(files, tmp_path, accumulation):
     # Three images in batches of two: every other batch holds one image, and one process gets none of it.
+    # With accumulation the gradients of a step's first micro-batch stay local and are summed over the
+    # processes with the last one's (distributed.GradientBuckets).
     config = short_form(files)
+    config["train"]["gradient_accumulation"] = accumulation
     config["datasets"][0]["folder_path"] = str(graph_data.write_dataset(tmp_path / "three", count=3))
     config["save"]["dtype"] = "float32"
     del config["sample"]
