@@ -4,6 +4,7 @@ import contextlib
 
 import comfy.model_management
 import folder_paths
+import torch
 
 
 def forget_file_list(folder_name: str) -> None:
@@ -34,6 +35,35 @@ def unload_models(patchers) -> None:
         if model is not None and any(model.is_clone(patcher) for patcher in patchers):
             loaded.pop(index).model_unload()
     comfy.model_management.soft_empty_cache()
+
+
+# What ComfyUI's partial (lowvram) loading sets on the modules of its ops (comfy/model_patcher.py in 0.3.75:
+# `partially_unload`, `wipe_lowvram_weight`), shadowing class attributes with instance ones.
+_LOADING_ATTRIBUTES = ("comfy_cast_weights", "prev_comfy_cast_weights", "weight_function", "bias_function",
+                       "comfy_patched_weights")
+
+
+def loading_state(model: torch.nn.Module) -> dict:
+    """The loading attributes each module of `model` holds itself (not from its class), by module."""
+    return {module: {name: module.__dict__[name] for name in _LOADING_ATTRIBUTES if name in module.__dict__}
+            for module in model.modules()}
+
+
+def restore_loading_state(model: torch.nn.Module, state: dict) -> None:
+    """Gives every module of a fully loaded `model` back the loading attributes of `state`, no more.
+
+    A preview on a small card makes ComfyUI unload part of the model for the VAE; loading it fully
+    again leaves instance attributes where the class's were read before (`comfy_cast_weights` after
+    `wipe_lowvram_weight`). The values are the same, but compiled blocks guard on where an attribute
+    comes from, and would all compile again (SD3.5 Large and Flux: 80-100 s after each preview).
+    """
+    for module in model.modules():
+        before = state.get(module, {})
+        for name in _LOADING_ATTRIBUTES:
+            if name in before:
+                setattr(module, name, before[name])
+            elif name in module.__dict__:
+                delattr(module, name)
 
 
 @contextlib.contextmanager

@@ -114,7 +114,7 @@ class SampleHook(JobHook):
             comfy_compat.unload_models([self.vae.patcher])
         # Sampling may have moved the model off the device to make room for the VAE. The sampler
         # loaded the trained patcher itself, not a clone, so ComfyUI holds the model once.
-        comfy.model_management.load_models_gpu([trainer.patcher], force_full_load=True)
+        trainer.reload_model()
         step = trainer.state.step
         self.folder.mkdir(parents=True, exist_ok=True)
         files = []

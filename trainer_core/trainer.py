@@ -196,6 +196,7 @@ class Trainer:
         self._batches: list[list[int]] = []
         self._conditioning_keys = sorted(self.samples[0].conditioning)
         self._graphed: GraphedSteps | None = None
+        self._loading_state: dict = {}
 
     @property
     def device(self) -> torch.device:
@@ -210,6 +211,7 @@ class Trainer:
             # Weights moved here are inference tensors, which make_autograd_safe then copies;
             # moved outside inference mode they would lack autograd's version counter.
             comfy.model_management.load_models_gpu([self.patcher], force_full_load=True)
+        self._loading_state = comfy_compat.loading_state(self.family.diffusion_model)
         with torch.inference_mode(False), torch.enable_grad():
             diffusion_model = self.family.diffusion_model
             make_autograd_safe(diffusion_model)
@@ -240,6 +242,12 @@ class Trainer:
                 for parameter, requires_grad in trainable:
                     parameter.requires_grad_(requires_grad)
                 comfy.model_management.soft_empty_cache()
+
+    def reload_model(self) -> None:
+        """Loads the model fully again after something between steps (a preview's VAE) made ComfyUI
+        unload part of it, as the steps found it: same device, same attributes on its modules."""
+        comfy.model_management.load_models_gpu([self.patcher], force_full_load=True)
+        comfy_compat.restore_loading_state(self.family.diffusion_model, self._loading_state)
 
     @property
     def compiles_blocks(self) -> bool:
