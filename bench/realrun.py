@@ -409,6 +409,11 @@ class Bench:
 
     def write(self) -> None:
         self.args.out.mkdir(parents=True, exist_ok=True)
+        # Each run's own log beside the results: the device keeps nothing of the runs' folders.
+        for run in self.runs:
+            log = Path(run.get("log") or "")
+            if log.is_file():
+                shutil.copyfile(log, self.args.out / f"{run['model']}-{run['entry']}-{run['card_gib']:g}gb.log")
         document = {**self.header, "runs": self.runs}
         (self.args.out / f"{self.name}.json").write_text(json.dumps(document, indent=1))
         (self.args.out / f"{self.name}.md").write_text(table(self.runs, self.header) + "\n")
