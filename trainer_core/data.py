@@ -19,6 +19,22 @@ What the trainer receives is fixed once encoded, so randomness is precomputed:
   MAX_CHUNKS chunks are cut. T5 streams are padded with T5's pad token to the longest caption,
   which is what ComfyUI's own minimum-length padding does.
 
+Several datasets (`Datasets`) train together: each has its own folder, repeats (`repeats` times the
+N_name folder's N), buckets, captions, masks and cache, and every sample of a dataset counts its repeats
+in each epoch. All captions of all datasets are encoded at one token length, so samples of one bucket
+batch together whichever dataset they come from.
+
+Masks: with `mask_folder`, each image has a grey-scale mask of the same relative name and size (any
+image suffix) there; with `alpha_mask`, the image's alpha channel is its mask (images without one train
+whole); with both, their product. White (255) trains at full weight, black (0) not at all. The mask is
+cropped and mirrored as its image, then averaged over each latent cell: the loss of a cell is weighted
+by that average, and a cell whose pixels are all black contributes nothing (objective.py).
+
+A regularisation dataset (`regularization`) trains the class without the trigger word, its loss times
+`loss_weight`. Differential output preservation (`preservation_class`): every caption holding the
+trigger word is also encoded with the trigger replaced by the class word, which the trainer uses to
+hold the LoRA's prediction on the class to the base model's (objective.py).
+
 Captions are tokenized by the CLIP object, so ComfyUI's prompt syntax applies as in CLIPTextEncode:
 `(word:1.2)` weights a word; write `\(` for a literal parenthesis.
 
@@ -52,12 +68,14 @@ import numpy as np
 import safetensors
 import safetensors.torch
 import torch
-from PIL import ExifTags, Image, ImageOps
+import torch.nn.functional as F
+from PIL import ExifTags, Image, ImageChops, ImageOps
 
 from . import comfy_compat
 from .config import ConfigError, DatasetFacts, TrainConfig, _require
 from .export import write_safetensors_atomic
 from .families import family_for
+from .objective import LOSS_MASK, LOSS_WEIGHT, PRESERVE, PRESERVE_WEIGHT
 from .trainer import Sample
 
 log = logging.getLogger(__name__)
@@ -74,6 +92,8 @@ CACHE_VERSION = 2
 FINGERPRINT_SAMPLES = 64
 # EXIF orientations that turn the image by 90 degrees, swapping width and height.
 TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
+# A larger loss multiplier is a typo: it would swamp every other dataset's gradient.
+MAX_LOSS_WEIGHT = 100.0
 
 
 class DatasetError(ValueError):
@@ -98,6 +118,17 @@ class DatasetConfig:
     max_bucket_side: int = 0  # 0: 2 * resolution
     seed: int = 0  # of the tag shuffles
     cache_dir: str = ""  # absolute, or relative to ComfyUI's output folder; "": `lora_trainer_cache` there
+    repeats: int = 1  # every image counts this many times per epoch (times its N_name folder's N)
+    # Masks (module docstring): grey-scale images named as the dataset's images (any image suffix) in
+    # this folder (absolute, or relative to ComfyUI's input folder), and/or the images' alpha channel.
+    mask_folder: str = ""
+    alpha_mask: bool = False
+    regularization: bool = False  # trains the class without the trigger word (ai-toolkit's is_reg)
+    loss_weight: float = 1.0  # multiplies the loss of this dataset's samples
+    # Differential output preservation: the class word that replaces the trigger word (empty: off),
+    # and the weight of the preservation term.
+    preservation_class: str = ""
+    preservation_weight: float = 1.0
 
     def __post_init__(self):
         owner = "dataset"
@@ -105,8 +136,17 @@ class DatasetConfig:
         _require(self.caption_extension.lstrip(".") != "", owner, "caption_extension", "is empty; use e.g. 'txt'")
         _require(0.0 <= self.caption_dropout < 1.0, owner, "caption_dropout",
                  f"must be in [0, 1), got {self.caption_dropout!r}")
+        for name in ("loss_weight", "preservation_weight"):
+            value = getattr(self, name)
+            _require(isinstance(value, (int, float)) and math.isfinite(value) and 0 < value <= MAX_LOSS_WEIGHT,
+                     owner, name, f"must be a number in (0, {MAX_LOSS_WEIGHT}], got {value!r}")
+        _require(not (self.regularization and self.trigger_word.strip()), owner, "trigger_word",
+                 "a regularisation dataset trains its class without the trigger word: leave it empty there")
+        _require(not (self.preservation_class.strip() and not self.trigger_word.strip()), owner, "preservation_class",
+                 "differential output preservation replaces the trigger word by the class word: give the "
+                 "dataset's trigger_word too")
         for name, least in (("keep_tags", 0), ("shuffle_variants", 1), ("resolution", BUCKET_STEP),
-                            ("min_bucket_side", 0), ("max_bucket_side", 0)):
+                            ("min_bucket_side", 0), ("max_bucket_side", 0), ("repeats", 1)):
             value = getattr(self, name)
             _require(isinstance(value, int) and value >= least, owner, name,
                      f"must be an integer >= {least}, got {value!r}")
@@ -124,6 +164,30 @@ class DatasetConfig:
         """The smallest and largest bucket side."""
         half = max(BUCKET_STEP, self.resolution // 2 // BUCKET_STEP * BUCKET_STEP)
         return self.min_bucket_side or half, self.max_bucket_side or 2 * self.resolution
+
+
+@dataclass(frozen=True)
+class Datasets:
+    """Several datasets trained together (chained Dataset nodes, the YAML file's `datasets:` list). Each
+    keeps its own folder, repeats, buckets, captions, masks and cache; batches still come from one bucket,
+    and each dataset's share of an epoch is its images times their repeats."""
+
+    members: tuple[DatasetConfig, ...]
+
+    def __post_init__(self):
+        _require(len(self.members) > 0, "dataset", "folder", "no dataset given; connect a Dataset node")
+
+    @classmethod
+    def of(cls, value: "DatasetConfig | Datasets") -> "Datasets":
+        return value if isinstance(value, Datasets) else cls((value,))
+
+    def plus(self, config: DatasetConfig) -> "Datasets":
+        return Datasets((*self.members, config))
+
+    @property
+    def trigger_word(self) -> str:
+        """The trigger word the LoRA file records: the first dataset's that has one."""
+        return next((c.trigger_word.strip() for c in self.members if c.trigger_word.strip()), "")
 
 
 @dataclass(frozen=True)
@@ -153,6 +217,9 @@ class DatasetReport:
     train_images: int = 0  # images x repeats (kohya's count: flips not doubled)
     resolution: int = 0
     tag_frequency: dict[str, dict[str, int]] = field(default_factory=dict)  # see tag_frequency()
+    masked: int = 0  # samples per epoch whose loss a mask weights
+    # Caption -> the class-word caption differential output preservation trains on beside it.
+    preserved: dict[str, str] = field(default_factory=dict)
 
     def facts(self) -> DatasetFacts:
         """What the LoRA file's metadata records of this dataset."""
@@ -160,9 +227,31 @@ class DatasetReport:
 
     def summary(self) -> str:
         buckets = ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(self.buckets.items()))
-        return (f"{self.images} images, {self.samples} samples per epoch (buckets {buckets}); "
+        masked = f", {self.masked} masked" if self.masked else ""
+        return (f"{self.images} images, {self.samples} samples per epoch{masked} (buckets {buckets}); "
                 f"latents {self.latents_cached} cached, {self.latents_encoded} encoded; "
                 f"captions {self.captions_cached} cached, {self.captions_encoded} encoded")
+
+    @classmethod
+    def merged(cls, parts: list["DatasetReport"]) -> "DatasetReport":
+        """One report of several datasets: counts added up, the first dataset's folders, the largest
+        resolution, tag counts of folders of the same name added up."""
+        if len(parts) == 1:
+            return parts[0]
+        report = cls(parts[0].folder, parts[0].cache_dir, resolution=max(p.resolution for p in parts))
+        for part in parts:
+            for name in ("images", "samples", "latents_cached", "latents_encoded", "captions_cached",
+                         "captions_encoded", "train_images", "masked"):
+                setattr(report, name, getattr(report, name) + getattr(part, name))
+            for bucket, count in part.buckets.items():
+                report.buckets[bucket] = report.buckets.get(bucket, 0) + count
+            report.captions |= part.captions
+            report.preserved |= part.preserved
+            for folder, counts in part.tag_frequency.items():
+                merged = report.tag_frequency.setdefault(folder, {})
+                for tag, count in counts.items():
+                    merged[tag] = merged.get(tag, 0) + count
+        return report
 
 
 # -- the folder ----------------------------------------------------------------------------------
@@ -188,7 +277,7 @@ def scan(folder: Path, config: DatasetConfig) -> list[ImageEntry]:
         else:
             log.warning("dataset: skipping subfolder %s: only N_name subfolders (N >= 1 repeats) are read", sub)
     entries = [
-        _entry(path, folder, repeats, config)
+        _entry(path, folder, repeats * config.repeats, config)
         for source, repeats in sources
         for path in sorted(source.iterdir())
         if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
@@ -416,64 +505,229 @@ def _clear_entry(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+# -- masks and preservation captions -------------------------------------------------------------
+
+
+def mask_file(entry: ImageEntry, mask_dir: Path) -> Path:
+    """The mask of an image: the file of the same relative name, with any image suffix, in `mask_dir`."""
+    stem = mask_dir / entry.name
+    for suffix in IMAGE_SUFFIXES:
+        for candidate in (stem.with_suffix(suffix), stem.with_suffix(suffix.upper())):
+            if candidate.is_file():
+                return candidate
+    raise DatasetError(f"dataset.mask_folder: {entry.path} has no mask: add {stem.with_suffix('.png')} (white trains, "
+                       "black is left out), or train this image in a dataset without masks")
+
+
+def pixel_mask(entry: ImageEntry, config: DatasetConfig, mask_dir: Path | None) -> Image.Image | None:
+    """The image's mask at its displayed size, as 8-bit grey (255: full weight, 0: left out): the mask
+    file's grey values, times the alpha channel with `alpha_mask`. None where neither applies."""
+    layers = []
+    if mask_dir is not None:
+        path = mask_file(entry, mask_dir)
+        try:
+            with Image.open(path) as image:
+                layers.append(ImageOps.exif_transpose(image).convert("L"))
+        except (OSError, Image.DecompressionBombError) as error:
+            raise DatasetError(f"{path}: cannot be read as a mask image ({error}); replace or remove it") from None
+        if layers[0].size != entry.size:
+            raise DatasetError(f"{path}: the mask is {layers[0].size[0]}x{layers[0].size[1]}, its image {entry.path} "
+                               f"is {entry.size[0]}x{entry.size[1]}: give a mask of the image's size")
+    if config.alpha_mask:
+        with Image.open(entry.path) as image:
+            image = ImageOps.exif_transpose(image)
+            if image.has_transparency_data:
+                layers.append(image.convert("RGBA").getchannel("A"))
+    if not layers:
+        return None
+    return layers[0] if len(layers) == 1 else ImageChops.multiply(*layers)
+
+
+def latent_mask(mask: Image.Image, bucket: tuple[int, int], flip: bool, latent_hw: tuple[int, int],
+                label: str) -> torch.Tensor:
+    """The mask cropped and mirrored as its image is (load_pixels), averaged over each latent cell:
+    (1, h, w) weights in [0, 1]; a cell whose pixels are all black is exactly 0."""
+    mask = ImageOps.fit(mask, bucket, Image.Resampling.BILINEAR)
+    if flip:
+        mask = ImageOps.mirror(mask)
+    pixels = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None, None]
+    weights = F.interpolate(pixels, size=latent_hw, mode="area")[0]
+    if not bool(weights.any()):
+        raise DatasetError(f"{label}: its mask is black everywhere in the training crop, so it would train nothing: "
+                           "paint what should be learned white, or remove the image")
+    return weights
+
+
+def preservation_caption(text: str, trigger: str, class_word: str) -> str | None:
+    """`text` with every whole-word trigger replaced by the class word; None where it lacks the trigger."""
+    pattern = re.compile(rf"(?<!\w){re.escape(trigger.strip())}(?!\w)", re.IGNORECASE)
+    if not pattern.search(text):
+        return None
+    return pattern.sub(lambda _: class_word.strip(), text)
+
+
 # -- building samples ----------------------------------------------------------------------------
 
 
+@dataclass
+class _Plan:
+    """One dataset's images, buckets and captions, read before anything is encoded."""
+
+    index: int
+    config: DatasetConfig
+    placed: list[tuple[ImageEntry, tuple[int, int]]]
+    flips: tuple[bool, ...]
+    choices: dict[str, list[tuple[float, str]]]  # image name -> (probability, caption)
+    preserved: dict[str, tuple[str, float]]  # caption -> (class-word caption, weight) for captions with the trigger
+    mask_dir: Path | None
+    report: DatasetReport
+
+    @property
+    def texts(self) -> set[str]:
+        return {text for drawn in self.choices.values() for _, text in drawn} | {
+            text for text, _ in self.preserved.values()}
+
+    def key(self, name: str) -> str:
+        """A sample's key: its image's name, after the first dataset prefixed with the dataset's number."""
+        return name if self.index == 0 else f"dataset {self.index + 1}: {name}"
+
+
+def _plan(index: int, config: DatasetConfig, input_dir, output_dir) -> _Plan:
+    folder = resolve_folder(config.folder, input_dir)
+    mask_dir = None
+    if config.mask_folder.strip():
+        mask_dir = Path(input_dir) / Path(config.mask_folder.strip()).expanduser()
+        if not mask_dir.is_dir():
+            raise ConfigError(f"dataset.mask_folder: {mask_dir} is not a folder")
+    entries = scan(folder, config)
+    cache_dir = Path(output_dir) / Path(config.cache_dir or DEFAULT_CACHE_FOLDER).expanduser()
+    trained = not config.regularization  # kohya's counts and tags are of the trained images, not the class's
+    report = DatasetReport(folder, cache_dir, images=len(entries),
+                           train_images=sum(e.repeats for e in entries) if trained else 0,
+                           resolution=config.resolution,
+                           tag_frequency=tag_frequency(entries, config, folder) if trained else {})
+    buckets = bucket_sizes(config.resolution, *config.bucket_bounds)
+    choices = {e.name: caption_choices(caption_variants(e.caption, config, e.name), config) for e in entries}
+    preserved = {}
+    if config.preservation_class.strip():
+        for text in {text for drawn in choices.values() for _, text in drawn}:
+            replaced = preservation_caption(text, config.trigger_word, config.preservation_class)
+            if replaced is not None:
+                preserved[text] = (replaced, config.preservation_weight)
+    return _Plan(index, config, [(e, nearest_bucket(e.size, buckets)) for e in entries],
+                 (False, True) if config.flip else (False,), choices, preserved, mask_dir, report)
+
+
 def build_samples(
-    config: DatasetConfig,
+    datasets: DatasetConfig | Datasets,
     patcher,
     clip,
     vae,
     input_dir: str | os.PathLike,
     output_dir: str | os.PathLike,
 ) -> tuple[list[Sample], DatasetReport]:
-    """Training samples of the dataset for the model of `patcher` (a ComfyUI ModelPatcher), with
-    latents from `vae` (comfy.sd.VAE) and conditioning from `clip` (comfy.sd.CLIP), read from the
-    cache where present. The VAE and text encoders are off the GPU when this returns."""
-    folder = resolve_folder(config.folder, input_dir)
-    entries = scan(folder, config)
-    cache_dir = Path(output_dir) / Path(config.cache_dir or DEFAULT_CACHE_FOLDER).expanduser()
-    report = DatasetReport(folder, cache_dir, images=len(entries), train_images=sum(e.repeats for e in entries),
-                           resolution=config.resolution, tag_frequency=tag_frequency(entries, config, folder))
+    """Training samples of the dataset(s) for the model of `patcher` (a ComfyUI ModelPatcher), with
+    latents from `vae` (comfy.sd.VAE) and conditioning from `clip` (comfy.sd.CLIP), read from each
+    dataset's cache where present. Every caption of every dataset (and the class-word captions of
+    differential output preservation) is encoded at one token length, so any two samples of a bucket
+    batch together. The VAE and text encoders are off the GPU when this returns."""
     family = family_for(patcher.model, TrainConfig())
     model_channels = patcher.model.latent_format.latent_channels
     if vae.latent_channels != model_channels:
         raise DatasetError(f"the VAE gives {vae.latent_channels}-channel latents, the model takes {model_channels}: "
                            "connect the VAE that belongs to the model")
-    buckets = bucket_sizes(config.resolution, *config.bucket_bounds)
-    placed = [(entry, nearest_bucket(entry.size, buckets)) for entry in entries]
-    flips = (False, True) if config.flip else (False,)
-    choices = {e.name: caption_choices(caption_variants(e.caption, config, e.name), config) for e in entries}
-    texts = sorted({text for drawn in choices.values() for _, text in drawn})
-    latent_cache, text_cache = TensorCache(cache_dir / "latents"), TensorCache(cache_dir / "text")
+    plans = [_plan(index, config, input_dir, output_dir) for index, config in enumerate(Datasets.of(datasets).members)]
+    texts = sorted(set().union(*(plan.texts for plan in plans)))
     samples = []
     try:
         with torch.no_grad():
-            progress = comfy.utils.ProgressBar(len(placed) * len(flips) + len(texts))
-            raw_latents = _encode_images(vae, placed, flips, latent_cache, progress)
-            embeddings = _encode_captions(clip, texts, text_cache, progress)
-            for entry, bucket in placed:
-                drawn = choices[entry.name]
-                conditionings = [(p, family.conditioning(*embeddings[text], *bucket)) for p, text in drawn]
-                for flip in flips:
-                    latents = patcher.model.process_latent_in(raw_latents[entry.name, flip].unsqueeze(0))[0]
-                    key = entry.name + (" (flipped)" if flip else "")
-                    # Repeats list the same Sample object: the trainer moves its tensors to the device once.
-                    samples += [Sample(latents, conditionings[0][1], key, conditionings[1:])] * entry.repeats
-                    report.buckets[bucket] = report.buckets.get(bucket, 0) + entry.repeats
-                    report.captions[key] = drawn
+            progress = comfy.utils.ProgressBar(sum(len(p.placed) * len(p.flips) for p in plans) + len(texts))
+            tokens = equal_length_tokens({text: clip.tokenize(text) for text in texts}, clip.tokenize(""))
+            encoder_key = text_encoder_fingerprint(clip)
+            embeddings: dict[str, tuple] = {}
+            for plan in plans:
+                new = [text for text in sorted(plan.texts) if text not in embeddings]
+                embeddings |= _encode_captions(clip, new, tokens, encoder_key, plan, progress)
+            assemble = _SampleAssembly(patcher, family, embeddings, plans)
+            for plan in plans:
+                raw_latents = _encode_images(vae, plan.placed, plan.flips, plan, progress)
+                samples += assemble.samples(plan, raw_latents)
     finally:
         comfy_compat.unload_models([vae.patcher, clip.patcher])
-    report.samples = len(samples)
-    report.latents_cached, report.latents_encoded = latent_cache.hits, latent_cache.misses
-    report.captions_cached, report.captions_encoded = text_cache.hits, text_cache.misses
-    log.info("dataset %s: %s", folder, report.summary())
-    return samples, report
+    for plan in plans:
+        log.info("dataset %s: %s", plan.report.folder, plan.report.summary())
+    return samples, DatasetReport.merged([plan.report for plan in plans])
 
 
-def _encode_images(vae, placed, flips, cache: TensorCache, progress) -> dict[tuple[str, bool], torch.Tensor]:
-    """Raw VAE latents (C, h, w) by (image name, flipped)."""
+class _SampleAssembly:
+    """Samples of the encoded datasets, each conditioning with the loss terms of the run (objective.py):
+    a mask where any dataset has masks (all ones for images without), a loss weight where any dataset's
+    is not 1, and the class-word conditioning where any dataset preserves a class."""
+
+    def __init__(self, patcher, family, embeddings: dict[str, tuple], plans: list[_Plan]):
+        self.patcher = patcher
+        self.family = family
+        self.embeddings = embeddings
+        self.masks = any(p.mask_dir is not None or p.config.alpha_mask for p in plans)
+        self.weights = any(p.config.loss_weight != 1.0 for p in plans)
+        self.preserves = any(p.preserved for p in plans)
+        # Samples share these tensors (the trainer moves each to the device once).
+        self._conditionings: dict[tuple, dict[str, torch.Tensor]] = {}
+        self._scalars: dict[float, torch.Tensor] = {}
+        self._full_masks: dict[tuple[int, int], torch.Tensor] = {}
+
+    def samples(self, plan: _Plan, raw_latents: dict) -> list[Sample]:
+        samples = []
+        for entry, bucket in plan.placed:
+            drawn = plan.choices[entry.name]
+            mask_image = pixel_mask(entry, plan.config, plan.mask_dir) if self.masks else None
+            for flip in plan.flips:
+                latents = self.patcher.model.process_latent_in(raw_latents[entry.name, flip].unsqueeze(0))[0]
+                key = plan.key(entry.name) + (" (flipped)" if flip else "")
+                mask = None
+                if self.masks:
+                    mask = (latent_mask(mask_image, bucket, flip, tuple(latents.shape[-2:]), key)
+                            if mask_image is not None else self._full_mask(tuple(latents.shape[-2:])))
+                conditionings = [(p, self._conditioning(plan, text, bucket, mask)) for p, text in drawn]
+                # Repeats list the same Sample object: the trainer moves its tensors to the device once.
+                samples += [Sample(latents, conditionings[0][1], key, conditionings[1:])] * entry.repeats
+                plan.report.buckets[bucket] = plan.report.buckets.get(bucket, 0) + entry.repeats
+                plan.report.captions[key] = drawn
+                if mask is not None:
+                    plan.report.masked += entry.repeats if mask_image is not None else 0
+        plan.report.samples = len(samples)
+        plan.report.preserved = {text: replaced for text, (replaced, _) in plan.preserved.items()}
+        return samples
+
+    def _conditioning(self, plan: _Plan, text: str, bucket, mask) -> dict[str, torch.Tensor]:
+        conditioning = dict(self._family_conditioning(text, bucket))
+        if mask is not None:
+            conditioning[LOSS_MASK] = mask
+        if self.weights:
+            conditioning[LOSS_WEIGHT] = self._scalar(plan.config.loss_weight)
+        if self.preserves:
+            # Captions without the trigger word take part with weight 0 (their own caption stands in).
+            replaced, weight = plan.preserved.get(text, (text, 0.0))
+            conditioning |= {PRESERVE + k: v for k, v in self._family_conditioning(replaced, bucket).items()}
+            conditioning[PRESERVE_WEIGHT] = self._scalar(weight)
+        return conditioning
+
+    def _family_conditioning(self, text: str, bucket) -> dict[str, torch.Tensor]:
+        if (text, bucket) not in self._conditionings:
+            self._conditionings[text, bucket] = self.family.conditioning(*self.embeddings[text], *bucket)
+        return self._conditionings[text, bucket]
+
+    def _scalar(self, value: float) -> torch.Tensor:
+        return self._scalars.setdefault(value, torch.tensor(float(value)))
+
+    def _full_mask(self, latent_hw: tuple[int, int]) -> torch.Tensor:
+        return self._full_masks.setdefault(latent_hw, torch.ones((1, *latent_hw)))
+
+
+def _encode_images(vae, placed, flips, plan: _Plan, progress) -> dict[tuple[str, bool], torch.Tensor]:
+    """Raw VAE latents (C, h, w) by (image name, flipped), from the dataset's cache where present."""
     vae_key = model_fingerprint(vae.first_stage_model)
+    cache = TensorCache(plan.report.cache_dir / "latents")
     latents = {}
     for entry, bucket in placed:
         content = hashlib.sha256(entry.path.read_bytes()).hexdigest()
@@ -486,14 +740,14 @@ def _encode_images(vae, placed, flips, cache: TensorCache, progress) -> dict[tup
 
             latents[entry.name, flip] = cache.get(key, encode, ("latents",), entry.name)["latents"]
             progress.update(1)
+    plan.report.latents_cached, plan.report.latents_encoded = cache.hits, cache.misses
     return latents
 
 
-def _encode_captions(clip, texts: list[str], cache: TensorCache, progress) -> dict[str, tuple]:
-    """(cond (1, T, D), pooled (1, P)) by caption text, T equal for all texts."""
-    empty = clip.tokenize("")
-    tokens = equal_length_tokens({text: clip.tokenize(text) for text in texts}, empty)
-    encoder_key = text_encoder_fingerprint(clip)
+def _encode_captions(clip, texts: list[str], tokens: dict[str, dict], encoder_key: str, plan: _Plan,
+                     progress) -> dict[str, tuple]:
+    """(cond (1, T, D), pooled (1, P)) by caption text, from the dataset's cache where present."""
+    cache = TensorCache(plan.report.cache_dir / "text")
     embeddings = {}
     for text in texts:
         comfy.model_management.throw_exception_if_processing_interrupted()
@@ -506,4 +760,5 @@ def _encode_captions(clip, texts: list[str], cache: TensorCache, progress) -> di
         stored = cache.get({"tokens": tokens[text], "encoder": encoder_key}, encode, ("cond", "pooled"), label)
         embeddings[text] = (stored["cond"].unsqueeze(0), stored["pooled"].unsqueeze(0))
         progress.update(1)
+    plan.report.captions_cached, plan.report.captions_encoded = cache.hits, cache.misses
     return embeddings

@@ -143,6 +143,8 @@ class LoraNetwork(nn.Module):
         super().__init__()
         # ModuleDict keys cannot contain dots.
         self.layers = nn.ModuleDict({name.replace(".", "/"): layer for name, layer in layers.items()})
+        # Read by the attached hooks at every call: False runs the base model exactly, hooks in place.
+        self.enabled = True
 
     @classmethod
     def create(cls, diffusion_model: nn.Module, layer_kind, config: LoraConfig) -> "LoraNetwork":
@@ -163,15 +165,26 @@ class LoraNetwork(nn.Module):
             for name, layer in self.items():
                 if name not in modules:
                     raise KeyError(f"the model has no layer {name!r}; this LoRA was made for another architecture")
-                handles.append(modules[name].register_forward_hook(_adder(layer)))
+                handles.append(modules[name].register_forward_hook(_adder(self, layer)))
             yield self
         finally:
             for handle in handles:
                 handle.remove()
 
+    @contextlib.contextmanager
+    def disabled(self):
+        """The attached model computes as if it had no LoRA for the duration of the `with` block (the
+        base model's prediction, e.g. differential output preservation's target); hooks stay in place."""
+        was_enabled, self.enabled = self.enabled, False
+        try:
+            yield self
+        finally:
+            self.enabled = was_enabled
 
-def _adder(layer: LoraLayer):
+
+def _adder(network: LoraNetwork, layer: LoraLayer):
     def hook(module, args, output):
-        return layer.added_to(output, args[0])
+        # None leaves the base layer's output as it is.
+        return layer.added_to(output, args[0]) if network.enabled else None
 
     return hook

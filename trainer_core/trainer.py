@@ -26,6 +26,7 @@ from .config import ConfigError, LoraConfig, TrainConfig
 from .families import family_for
 from .graphs import GraphedSteps
 from .lora import LoraNetwork
+from .objective import masked, preservation_loss, split_terms
 
 log = logging.getLogger(__name__)
 
@@ -354,7 +355,9 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
 
     def loss(self, latents, conditioning, noise, timesteps) -> torch.Tensor:
-        """Mean loss of a batch at the given noise and timesteps (B, ...)."""
+        """Mean loss of a batch at the given noise and timesteps (B, ...), with the mask, loss weight
+        and preservation terms its conditioning carries (objective.py)."""
+        conditioning, terms = split_terms(conditioning)
         noisy, target = self.family.noisy_input_and_target(latents, noise, timesteps)
         with self._autocast():
             prediction = self.family.predict(noisy, timesteps, conditioning)
@@ -363,11 +366,22 @@ class Trainer:
             per_element = F.huber_loss(prediction, target, reduction="none", delta=self.config.huber_delta)
         else:
             per_element = F.mse_loss(prediction, target, reduction="none")
-        per_sample = per_element.flatten(1).mean(1)
+        per_sample = masked(per_element, terms.mask).flatten(1).mean(1)
         weight = self.family.loss_weight(timesteps)
         if weight is not None:
             per_sample = per_sample * weight.to(per_sample)
-        return per_sample.mean()
+        if terms.weight is not None:
+            per_sample = per_sample * terms.weight.to(per_sample)
+        loss = per_sample.mean()
+        if terms.preserve_conditioning is not None:
+            # Differential output preservation: the base model's prediction (LoRA off) on the class-word
+            # caption is the target of the LoRA's prediction on it, at the same noisy input and time.
+            with torch.no_grad(), self.network.disabled(), self._autocast():
+                prior = self.family.predict(noisy, timesteps, terms.preserve_conditioning)
+            with self._autocast():
+                preserved = self.family.predict(noisy, timesteps, terms.preserve_conditioning)
+            loss = loss + preservation_loss(preserved, prior, terms.preserve_weight)
+        return loss
 
     def draw_noise_and_timesteps(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         noises, timesteps = [], []
