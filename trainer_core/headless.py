@@ -11,6 +11,7 @@ previews in `<training_folder>/<name>/samples/`, the finished LoRA as
 import contextlib
 import logging
 import math
+import re
 import sys
 import tempfile
 import time
@@ -23,7 +24,7 @@ import torch
 
 from . import distributed, export, loading
 from .config import ConfigError, LoraConfig, SaveConfig, TrainConfig
-from .data import DatasetConfig, DatasetError, build_samples
+from .data import DatasetConfig, DatasetError, Datasets, build_samples
 from .families import UnsupportedModelError
 from .job import Event, OutOfMemory, TrainingFailed, TrainingJob
 from .sampling import SampleHook, SampleSettings, encode_prompts
@@ -49,19 +50,28 @@ SAVE_KEYS = {
     "name": "name", "dtype": "save.dtype", "every": "save.save_every", "keep_last": "save.max_step_saves_to_keep",
     "output_dir": "training_folder", "trigger_word": "trigger_word", "format": "save.format",
 }
+# DatasetConfig field -> the key of the `index`-th entry of `datasets:` (or of the process) it comes from.
 DATASET_KEYS = {
-    "folder": "datasets[0].folder_path", "caption_extension": "datasets[0].caption_ext",
-    "default_caption": "datasets[0].default_caption", "trigger_word": "trigger_word",
-    "caption_dropout": "datasets[0].caption_dropout_rate", "shuffle_tags": "datasets[0].shuffle_tokens",
-    "keep_tags": "datasets[0].keep_tokens", "flip": "datasets[0].flip_x", "resolution": "datasets[0].resolution",
-    "seed": "train.seed",
+    "folder": "folder_path", "caption_extension": "caption_ext", "default_caption": "default_caption",
+    "caption_dropout": "caption_dropout_rate", "shuffle_tags": "shuffle_tokens", "keep_tags": "keep_tokens",
+    "flip": "flip_x", "resolution": "resolution", "repeats": "num_repeats", "mask_folder": "mask_path",
+    "alpha_mask": "alpha_mask", "regularization": "is_reg", "loss_weight": "loss_multiplier",
+}
+PROCESS_DATASET_KEYS = {
+    "trigger_word": "trigger_word", "seed": "train.seed",
+    "preservation_class": "train.diff_output_preservation_class",
+    "preservation_weight": "train.diff_output_preservation_multiplier",
 }
 SAMPLE_KEYS = {"seed": "sample.seed", "width": "sample.width", "height": "sample.height",
                "steps": "sample.sample_steps", "negative": "sample.neg"}
 
 
+def dataset_keys(index: int) -> dict[str, str]:
+    return {field: f"datasets[{index}].{key}" for field, key in DATASET_KEYS.items()} | PROCESS_DATASET_KEYS
+
+
 def value_at(values: dict, path: str):
-    for part in path.replace("[0]", ".0").split("."):
+    for part in re.sub(r"\[(\d+)\]", r".\1", path).split("."):
         values = values[int(part)] if part.isdigit() else values[part]
     return values
 
@@ -219,6 +229,26 @@ class FinalLoraHook(export.CheckpointHook):
         return self._write_final(trainer, write)
 
 
+def dataset_configs(config: ResolvedConfig) -> Datasets:
+    """The `datasets:` entries. The process's trigger word goes to every dataset but the regularisation
+    ones, which train the class without it; with train.diff_output_preservation, every dataset with the
+    trigger word preserves the class."""
+    values = config.values
+    preserve = values["train"]["diff_output_preservation"]
+    if preserve and not values["trigger_word"].strip():
+        raise config.error("train.diff_output_preservation", "replaces the trigger word by the class word: "
+                           "set trigger_word too")
+    members = []
+    for index, entry in enumerate(values["datasets"]):
+        extra = {}
+        if entry["is_reg"]:
+            extra = {"trigger_word": "", "preservation_class": ""}
+        elif not preserve:
+            extra = {"preservation_class": ""}
+        members.append(build(config, DatasetConfig, dataset_keys(index), **extra))
+    return Datasets(tuple(members))
+
+
 def train(config: ResolvedConfig, resume: bool, command: str) -> int:
     """Trains as `config` says; returns the exit code. `command` is how to resume, told after Ctrl-C.
     Under torchrun, every process runs this; only the first writes files and shows progress."""
@@ -237,7 +267,7 @@ def train_process(config: ResolvedConfig, resume: bool, command: str, rank: int,
     lora = build(config, LoraConfig, LORA_KEYS)
     train_config = build(config, TrainConfig, TRAIN_KEYS)
     save = build(config, SaveConfig, SAVE_KEYS)
-    dataset = build(config, DatasetConfig, DATASET_KEYS)
+    datasets = dataset_configs(config)
     # Before the models load: a missing checkpoint should not cost their loading time.
     checkpoint = export.find_checkpoint(export.checkpoints_folder(save)) if resume else None
     models = load_models(config)
@@ -255,10 +285,14 @@ def train_process(config: ResolvedConfig, resume: bool, command: str, rank: int,
     if not first:
         distributed.barrier()
     with tempfile.TemporaryDirectory(prefix="lora-train-cache-") as scratch:
-        cache_root = save.output_dir if values["datasets"][0]["cache_latents_to_disk"] else scratch
-        with named_in_file(config, DATASET_KEYS):
-            samples, report = build_samples(dataset, models.patcher, models.clip, models.vae, config.file.parent,
-                                            cache_root)
+        # Datasets that are not cached on disk cache into a folder that goes when the run ends.
+        datasets = Datasets(tuple(dataset if entry["cache_latents_to_disk"] else replace(dataset, cache_dir=scratch)
+                                  for dataset, entry in zip(datasets.members, values["datasets"], strict=True)))
+        # An error of one dataset names its files; with one dataset, also its line in the file.
+        keys = dataset_keys(0) if len(datasets.members) == 1 else PROCESS_DATASET_KEYS
+        with named_in_file(config, keys):
+            samples, report = build_samples(datasets, models.patcher, models.clip, models.vae, config.file.parent,
+                                            save.output_dir)
     save = replace(save, dataset=report.facts())
     if first:
         distributed.barrier()

@@ -100,6 +100,10 @@ TRAIN = {
     "noise_scheduler": Key("str", "", NOISE_SCHEDULERS),
     "dtype": Key("str", "bf16", DTYPE_NAMES),
     "seed": Key("int", 0),
+    # Differential output preservation, with ai-toolkit's names and defaults.
+    "diff_output_preservation": Key("bool", False),
+    "diff_output_preservation_class": Key("str", "person"),
+    "diff_output_preservation_multiplier": Key("float", 1.0),
 }
 DATASET = {
     "folder_path": Key("folder"),
@@ -111,6 +115,11 @@ DATASET = {
     "flip_x": Key("bool", False),
     "cache_latents_to_disk": Key("bool", True),
     "resolution": Key("resolution", 1024),
+    "num_repeats": Key("int", 1, minimum=1),
+    "mask_path": Key("folder", ""),
+    "alpha_mask": Key("bool", False),
+    "is_reg": Key("bool", False),
+    "loss_multiplier": Key("float", 1.0),
 }
 SAMPLE = {
     "sample_every": Key("int", 250, minimum=0),
@@ -294,15 +303,17 @@ class _Reader:
                 values[name] = self.read_keys(node, {}, keys, prefix + name + ".", name + ".")
         self.check_family_flags()
         if "datasets" not in items:
-            raise self.fail(node, prefix + "datasets", "missing: give a list with one dataset (folder_path)")
+            raise self.fail(node, prefix + "datasets", "missing: give a list of datasets (each with folder_path)")
         key, datasets = items["datasets"]
         written = prefix + "datasets"
         self.config.origins["datasets"] = (written, key.start_mark.line + 1)
-        if not isinstance(datasets, yaml.SequenceNode) or len(datasets.value) != 1:
-            raise self.fail(datasets, written, "expected a list of exactly one dataset (several are not supported)")
-        dataset = datasets.value[0]
-        values["datasets"] = [self.read_keys(dataset, self.mapping(dataset, written + "[0]"), DATASET,
-                                             written + "[0].", "datasets[0].")]
+        if not isinstance(datasets, yaml.SequenceNode) or not datasets.value or hasattr(datasets, "alias"):
+            raise self.fail(datasets, written, "expected a list of datasets, each a mapping with folder_path")
+        values["datasets"] = [
+            self.read_keys(dataset, self.mapping(dataset, f"{written}[{index}]"), DATASET, f"{written}[{index}].",
+                           f"datasets[{index}].")
+            for index, dataset in enumerate(datasets.value)
+        ]
 
     def check_family_flags(self) -> None:
         flags = [name for name in FAMILY_FLAGS if self.config.values["model"][name]]
