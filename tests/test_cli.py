@@ -28,6 +28,7 @@ import tiny_encoders
 import torch
 import yaml
 from conftest import COMFY_HOST, REPO_ROOT
+from PIL import Image, ImageDraw
 from tiny_models import MODEL_FACTORIES, flux_full_width_file, random_inputs
 
 from trainer_core import cli, export, loading
@@ -482,3 +483,65 @@ def test_the_progress_line_shows_the_peak_vram_where_there_is_one():
     on_gpu, on_cpu = stream.getvalue().splitlines()
     assert on_gpu == "step 3/10  loss 0.1250  lr 1.00e-04  2.50 img/s  ETA 0:01:05  peak VRAM 6.50 GiB"
     assert on_cpu == "step 3/10  loss 0.1250  lr 1.00e-04  2.50 img/s  ETA 0:01:05"
+
+
+# -- several datasets, masks, regularisation, differential output preservation -----------------------
+
+
+def with_two_datasets(files: Path, root: Path) -> dict:
+    """The short form with masks on the subject dataset (each image's shape white, the background black), a
+    regularisation dataset of two more images (loss_multiplier 0.5) and differential output preservation."""
+    masks = root / "masks"
+    masks.mkdir(parents=True)
+    for image in sorted((files / "data").glob("*.png")):
+        mask = Image.new("L", (64, 64), 0)
+        ImageDraw.Draw(mask).rectangle((16, 16, 47, 47), fill=255)
+        mask.save(masks / image.name)
+    graph_data.write_dataset(root / "class_images", count=2)
+    config = short_form(files)
+    config["datasets"][0] |= {"mask_path": str(masks), "num_repeats": 2}
+    config["datasets"].append({"folder_path": str(root / "class_images"), "is_reg": True, "loss_multiplier": 0.5,
+                               "resolution": 64})
+    config["train"] |= {"diff_output_preservation": True, "diff_output_preservation_class": "shape",
+                        "diff_output_preservation_multiplier": 0.5}
+    return config
+
+
+def test_lora_train_trains_on_two_datasets_with_masks_regularisation_and_preservation(files, tmp_path, caplog):
+    path = write(tmp_path, with_two_datasets(files, tmp_path))
+    with caplog.at_level(logging.INFO):
+        assert cli.main(["train", str(path), "--cpu"]) == 0
+    subjects = len(graph_data.SUBJECTS)
+    assert f"dataset {files / 'data'}: {subjects} images, {2 * subjects} samples per epoch, {2 * subjects} masked" \
+        in caplog.text
+    assert f"dataset {tmp_path / 'class_images'}: 2 images, 2 samples per epoch (buckets" in caplog.text
+    lora = tmp_path / "out" / "tiny" / "tiny.safetensors"
+    with safetensors.safe_open(str(lora), framework="pt") as file:
+        metadata = file.metadata()
+    # kohya's counts are of the trained images (2 repeats each), not the regularisation images.
+    assert metadata["ss_num_train_images"] == str(2 * subjects)
+    assert list(json.loads(metadata["ss_tag_frequency"])) == ["data"]
+    weights = safetensors.torch.load_file(lora)
+    assert all(tensor.isfinite().all() for tensor in weights.values())
+
+
+def set_in_dataset(index: int, key: str, value):
+    def change(config: dict) -> None:
+        config["datasets"][index][key] = value
+    return change
+
+
+@pytest.mark.parametrize("change, line_text, expected", [
+    (set_in_dataset(1, "loss_multiplier", 0), "loss_multiplier:",
+     "datasets[1].loss_multiplier: must be a number in (0, 100.0], got 0.0"),
+    (set_key("trigger_word", ""), "diff_output_preservation:",
+     "train.diff_output_preservation: replaces the trigger word by the class word: set trigger_word too"),
+    (set_in_dataset(0, "num_repeats", 0), "num_repeats:", "datasets[0].num_repeats: must be >= 1, got 0"),
+])
+def test_a_wrong_dataset_setting_is_refused_naming_its_entry_and_line(files, tmp_path, caplog, change, line_text,
+                                                                     expected):
+    config = with_two_datasets(files, tmp_path)
+    change(config)
+    path = write(tmp_path, config)
+    assert cli.main(["train", str(path), "--cpu"]) == cli.EXIT_CONFIG
+    assert f"config.yaml:{line_of(path, line_text)}: {expected}" in caplog.text

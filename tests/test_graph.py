@@ -334,3 +334,49 @@ def test_an_example_workflow_runs_with_tiny_models(
 
     assert (comfy_server.models_dir / "loras" / name / f"{name}.safetensors").is_file()
     assert saved_image(comfy_server, entry).shape == (64, 64, 3)
+
+
+# -- several datasets ------------------------------------------------------------------------------------
+
+
+def test_chained_dataset_nodes_train_one_lora_on_both_with_masks_and_preservation(
+    comfy_server: ComfyServer, dataset: str
+) -> None:
+    """A regularisation Dataset chained into the subject's, whose masks sit in the input folder; preservation on."""
+    masks = comfy_server.input_dir / "graph_dataset_masks"
+    masks.mkdir(exist_ok=True)
+    for image in sorted((comfy_server.input_dir / dataset).glob("*.png")):
+        mask = Image.new("L", (64, 64), 0)
+        mask.paste(255, (16, 16, 48, 48))  # the shape trains, the grey background does not
+        mask.save(masks / image.name)
+    write_dataset(comfy_server.input_dir / "graph_class_images", count=2)
+    name = unique("graph-datasets")
+    graph = training_graph(tiny_loader("sdxl_eps"), dataset, name, sample_prompts="")
+    graph["dataset"]["inputs"] |= {"trigger_word": "shp", "mask_folder": "graph_dataset_masks", "repeats": 2,
+                                   "preservation_class": "shape", "preservation_weight": 0.5,
+                                   "dataset": ["class_images", 0]}
+    class_inputs = graph["dataset"]["inputs"] | {"folder": "graph_class_images", "trigger_word": "",
+                                                 "regularization": True, "loss_weight": 0.5}
+    for key in ("dataset", "mask_folder", "preservation_class", "preservation_weight", "repeats"):
+        del class_inputs[key]
+    graph["class_images"] = {"class_type": "LoraTrainer_Dataset", "inputs": class_inputs}
+    with comfy_server.events() as events:
+        run(events, graph)
+
+    steps = trainer_events(events, "step")
+    assert [s["step"] for s in steps] == list(range(1, STEPS + 1)) and all(np.isfinite(s["loss"]) for s in steps)
+    lora = comfy_server.models_dir / "loras" / name / f"{name}.safetensors"
+    with safetensors.safe_open(str(lora), framework="pt") as file:
+        metadata = file.metadata()
+    # The subject's 4 images, 2 repeats each, carry the trigger word; the class images are not counted.
+    assert metadata["modelspec.trigger_phrase"] == "shp" and metadata["ss_num_train_images"] == "8"
+    assert list(json.loads(metadata["ss_tag_frequency"])) == [dataset]
+
+
+def test_a_regularisation_dataset_with_a_trigger_word_fails_the_prompt_saying_so(comfy_server: ComfyServer,
+                                                                                 dataset: str) -> None:
+    graph = training_graph(tiny_loader("sd3"), dataset, unique("graph-bad-reg"), sample_prompts="")
+    graph["dataset"]["inputs"] |= {"trigger_word": "shp", "regularization": True}
+    with pytest.raises(ComfyServerError, match=r"dataset\.trigger_word: a regularisation dataset trains its class "
+                                               r"without the trigger word"):
+        comfy_server.wait_for(comfy_server.post_prompt(graph))
