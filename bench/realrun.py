@@ -35,6 +35,11 @@ What one call does, in order:
    bench/RESULTS.md, also printed), rewritten after each run; each run's folder under `<work>/runs/` holds its
    config or graph, its process's log, the probe's records and the run's own JSON.
 
+`--dop` runs each configuration twice, without and then with differential output preservation (the trigger
+word's captions also trained as "person" captions, held to the base model's prediction: two more forward passes
+and a backward per step), and the table's last lines give what it costs per step (steady s/step with DOP less
+without, and the ratio).
+
 A call stops starting runs when less than `--min-run-seconds` of `--time-limit` is left (a device command gets
 600 s). `--tiny` runs the same code on a small SD3 (real-size CLIP-L and VAE) at 128 px, on the CPU with `--cpu`:
 the CPU test's configuration; its numbers mean nothing.
@@ -74,6 +79,8 @@ COMFY_DEFAULT_RESERVE_GIB = 400 / 1024
 # The weights each model trains with by default: the issue's targets (SD3.5 Large and Flux dev in fp8).
 DEFAULT_WEIGHTS = {"sdxl": "default", "sd35m": "default", "sd35l": "fp8", "flux": "fp8"}
 TRIGGER = "rrbench"
+# The class word of --dop's runs.
+DOP_CLASS = "person"
 SAMPLE_PROMPTS = (f"{TRIGGER}, a photo of a red fox in the snow, soft light",
                   f"{TRIGGER}, a lighthouse on a cliff at dusk")
 PHASES = ("loading", "caching", "training", "sampling")
@@ -120,6 +127,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="seconds after the start past which a run is stopped and none is started")
     parser.add_argument("--min-run-seconds", type=float, default=60.0,
                         help="start no run with less than this left of --time-limit")
+    parser.add_argument("--dop", action="store_true",
+                        help="run each configuration without and with differential output preservation, to "
+                             "measure what it costs per step")
     parser.add_argument("--child", choices=("generate", "cli", "server"), help=argparse.SUPPRESS)
     parser.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -259,7 +269,7 @@ class Bench:
         self.poller: MemoryUsedPoller | None = None
         self.runs: list[dict] = []
         cards = "-".join(f"{c:g}" for c in args.card_gb)
-        self.name = f"realrun-{self.label}-{cards}gb-{args.entry}"
+        self.name = f"realrun-{self.label}-{cards}gb-{args.entry}" + ("-dop" if args.dop else "")
         self.header: dict = {}
 
     def remaining(self) -> float:
@@ -312,27 +322,32 @@ class Bench:
             "weights": args.weights, "files": self.files.all, "files_written": missing,
             "files_written_s": round(generated, 1), "dataset": self.dataset, "steps": args.steps,
             "warmup": args.warmup, "sample_every": args.sample_every, "save_every": args.save_every,
-            "prompts": list(SAMPLE_PROMPTS[:args.prompts]), "commit": git_commit(),
+            "prompts": list(SAMPLE_PROMPTS[:args.prompts]), "commit": git_commit(), "dop_class": DOP_CLASS,
             "command": " ".join(sys.argv),
         }
 
     # -- one run --------------------------------------------------------------------------------------------
 
-    def run(self, entry: str, card: float) -> dict:
+    def run(self, entry: str, card: float, dop: bool = False) -> dict:
         stamp = datetime.datetime.now().strftime("%H%M%S")
-        run_dir = self.args.work / "runs" / f"{self.label}-{entry}-{card:g}gb-{stamp}"
+        run_dir = self.args.work / "runs" / f"{self.label}-{entry}{'-dop' if dop else ''}-{card:g}gb-{stamp}"
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / "probe.jsonl"
         cache = Path(self.child_env()["TORCHINDUCTOR_CACHE_DIR"])
         meta = {"model": self.label, "label": realrun_files.LABELS[self.label], "entry": entry, "card_gib": card,
+                "dop": dop,
                 "simulated": self.gpu is not None, "weights": self.args.weights, "run_dir": str(run_dir),
                 "compile_cache_warm": cache.is_dir() and any(cache.iterdir())}
         if self.gpu is not None:
             meta["reserve_vram_gib"] = round(self.reserve_gib(card), 3)
-        log.info("%s %s on a %g GiB card (%.0f s left)", self.label, entry, card, self.remaining())
+        log.info("%s %s%s on a %g GiB card (%.0f s left)", self.label, entry, " with DOP" if dop else "", card,
+                 self.remaining())
         deadline = time.monotonic() + self.remaining()
         env = self.child_env(probe, card)
-        outcome = self.run_cli(run_dir, env, deadline) if entry == "cli" else self.run_node(run_dir, env, deadline)
+        if entry == "cli":
+            outcome = self.run_cli(run_dir, env, deadline, dop)
+        else:
+            outcome = self.run_node(run_dir, env, deadline, dop)
         records = read_records(probe)
         smi = self.poller.samples if self.poller else []
         result = summarize(meta | outcome, records, smi, self.args.steps, self.args.warmup)
@@ -340,9 +355,9 @@ class Bench:
         log.info("  %s", one_line(result))
         return result
 
-    def run_cli(self, run_dir: Path, env: dict, deadline: float) -> dict:
+    def run_cli(self, run_dir: Path, env: dict, deadline: float, dop: bool) -> dict:
         config = run_dir / "config.yaml"
-        config.write_text(cli_config(self, run_dir))
+        config.write_text(cli_config(self, run_dir, dop))
         command = [sys.executable, str(BENCH / "realrun.py"), "--child", "cli", "--", "train", str(config)]
         if self.args.cpu:
             command.append("--cpu")
@@ -361,11 +376,11 @@ class Bench:
             return outcome | {"status": "ok"}
         return outcome | failure_of(text)
 
-    def run_node(self, run_dir: Path, env: dict, deadline: float) -> dict:
+    def run_node(self, run_dir: Path, env: dict, deadline: float, dop: bool) -> dict:
         server = ComfyServer(run_dir / "server", self.args.models, env, cpu=self.args.cpu)
         try:
             server.start(deadline)
-            graph = node_graph(self, server.object_info(), run_dir)
+            graph = node_graph(self, server.object_info(), run_dir, dop)
             (run_dir / "graph.json").write_text(json.dumps(graph, indent=1))
             started = time.monotonic()
             prompt_id = server.queue(graph)
@@ -393,13 +408,14 @@ class Bench:
         try:
             for card in args.card_gb:
                 for entry in entries:
-                    if self.remaining() < args.min_run_seconds:
-                        self.runs.append({"model": self.label, "label": realrun_files.LABELS[self.label],
-                                          "entry": entry, "card_gib": card, "status": "not run",
-                                          "message": f"under {args.min_run_seconds:g} s of --time-limit left"})
-                    else:
-                        self.runs.append(self.run(entry, card))
-                    self.write()
+                    for dop in (False, True) if args.dop else (False,):
+                        if self.remaining() < args.min_run_seconds:
+                            self.runs.append({"model": self.label, "label": realrun_files.LABELS[self.label],
+                                              "entry": entry, "card_gib": card, "dop": dop, "status": "not run",
+                                              "message": f"under {args.min_run_seconds:g} s of --time-limit left"})
+                        else:
+                            self.runs.append(self.run(entry, card, dop))
+                        self.write()
         finally:
             if self.poller is not None:
                 self.poller.stop()
@@ -480,8 +496,9 @@ def read_records(path: Path) -> list[dict]:
 # -- the two entries' inputs -----------------------------------------------------------------------------
 
 
-def cli_config(bench: Bench, run_dir: Path) -> str:
-    """The YAML a user writes for lora-train: files, dataset, steps, previews and checkpoints; the rest default."""
+def cli_config(bench: Bench, run_dir: Path, dop: bool = False) -> str:
+    """The YAML a user writes for lora-train: files, dataset, steps, previews and checkpoints; the rest default.
+    With `dop`, differential output preservation with the class word DOP_CLASS."""
     args, files, models = bench.args, bench.files, bench.args.models
     model = {"name_or_path": str(models / (files.checkpoint or files.diffusion_model)),
              "quantize": args.weights == "fp8"}
@@ -492,7 +509,8 @@ def cli_config(bench: Bench, run_dir: Path) -> str:
     size = 64 if args.tiny else 1024
     config = {
         "name": "realrun", "training_folder": str(run_dir / "output"), "trigger_word": TRIGGER, "model": model,
-        "train": {"steps": args.steps},
+        "train": {"steps": args.steps} | (
+            {"diff_output_preservation": True, "diff_output_preservation_class": DOP_CLASS} if dop else {}),
         "save": {"save_every": args.save_every},
         "sample": {"sample_every": args.sample_every, "width": size, "height": size,
                    "prompts": list(SAMPLE_PROMPTS[:args.prompts])},
@@ -521,8 +539,9 @@ def defaults_of(info: dict) -> dict:
     return values
 
 
-def node_graph(bench: Bench, info: dict, run_dir: Path) -> dict:
-    """Load Base Model -> Dataset + LoRA Config -> Train LoRA in ComfyUI's API format."""
+def node_graph(bench: Bench, info: dict, run_dir: Path, dop: bool = False) -> dict:
+    """Load Base Model -> Dataset + LoRA Config -> Train LoRA in ComfyUI's API format; with `dop`, the Dataset
+    preserves the class DOP_CLASS."""
     args, files = bench.args, bench.files
 
     def name(relative: str) -> str:
@@ -535,7 +554,8 @@ def node_graph(bench: Bench, info: dict, run_dir: Path) -> dict:
         **{f"text_encoder_{i + 1}": name(e) for i, e in enumerate(encoders)},
     }
     dataset = defaults_of(info["LoraTrainer_Dataset"]) | {
-        "folder": bench.dataset["folder"], "resolution": bench.dataset["resolution"], "trigger_word": TRIGGER}
+        "folder": bench.dataset["folder"], "resolution": bench.dataset["resolution"], "trigger_word": TRIGGER,
+        "preservation_class": DOP_CLASS if dop else ""}
     train = defaults_of(info["LoraTrainer_TrainLoRA"]) | {
         "output_name": f"realrun_{run_dir.name}", "steps": args.steps, "save_every": args.save_every,
         "sample_every": args.sample_every, "sample_prompts": "\n".join(SAMPLE_PROMPTS[:args.prompts]),
@@ -861,18 +881,33 @@ def table(runs: list[dict], header: dict) -> str:
         compiled = run.get("compile", {})
         fits = {"ok": "yes", "did not fit": "**no** (OOM)"}.get(run["status"], run["status"])
         card = f"{run['card_gib']:g} GB" if run.get("simulated", True) else "CPU"
+        entry = run["entry"] + (" + DOP" if run.get("dop") else "")
         lines.append(
-            f"| {run.get('label', run['model'])} | {run['entry']} | {card} | {fits} | "
+            f"| {run.get('label', run['model'])} | {entry} | {card} | {fits} | "
             f"{_value(run.get('steady_s_per_step'), '.3f')} | {_value(run.get('time_to_first_step_s'), '.1f')} | "
             f"{_value(compiled.get('seconds'), '.1f')} ({len(compiled.get('compiling_steps', []))}) | "
             f"{_value(compiled.get('slow_seconds'), '.1f')} ({len(compiled.get('slow_steps', []))}) | "
             f"{peaks['allocated']} | {peaks['reserved']} | {peaks['nvidia_smi']} | {len(run.get('buckets', []))} | "
             f"{_value(run.get('wall_s'), '.0f')} |")
+    lines += dop_costs(runs)
     failures = [r for r in runs if r["status"] != "ok" and r.get("message")]
     if failures:
         lines.append("")
         lines += [f"- {r.get('label', r['model'])} {r['entry']} {r['card_gib']:g} GB: {r['message']}" for r in failures]
     return "\n".join(lines)
+
+
+def dop_costs(runs: list[dict]) -> list[str]:
+    """What differential output preservation costs per step: each run with DOP against the run of the same
+    entry and card without it (steady s/step)."""
+    without = {(r["entry"], r["card_gib"]): r.get("steady_s_per_step") for r in runs if not r.get("dop")}
+    lines = []
+    for run in runs:
+        plain, with_dop = without.get((run["entry"], run["card_gib"])), run.get("steady_s_per_step")
+        if run.get("dop") and plain and with_dop:
+            lines.append(f"- DOP, {run['entry']} {run['card_gib']:g} GB: {with_dop:.3f} s/step against {plain:.3f} "
+                         f"without: {with_dop - plain:+.3f} s per step ({with_dop / plain:.2f}x)")
+    return [""] + lines if lines else []
 
 
 def _value(value, spec: str) -> str:

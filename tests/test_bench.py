@@ -105,3 +105,25 @@ def test_real_run_step_times_leave_out_previews_and_count_compiles() -> None:
     assert result["phases"]["training"]["peak_allocated_exact"] is True
     assert result["phases"]["sampling"]["peak_allocated_gib"] == 4.5
     assert result["phases"]["sampling"]["peak_allocated_exact"] is False
+
+
+def test_the_real_run_bench_with_dop_runs_each_configuration_without_and_with_it(comfy_host: Path,
+                                                                                  tmp_path: Path) -> None:
+    """`--dop` (differential output preservation's cost per step): two lora-train runs at the CPU scale, the second
+    with train.diff_output_preservation on, and the table's line comparing their steady step times."""
+    work = tmp_path / "realrun"
+    command = [sys.executable, "bench/realrun.py", "--tiny", "--cpu", "--card-gb", "8", "--entry", "cli", "--dop",
+               "--steps", "5", "--warmup", "1", "--sample-every", "5", "--save-every", "5", "--work", str(work)]
+    environment = os.environ | {"COMFYUI_PATH": str(comfy_host), "OMP_NUM_THREADS": "1"}
+    finished = subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=1200)
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+
+    document = json.loads((work / "results" / "realrun-tiny-8gb-cli-dop.json").read_text())
+    assert [(run["entry"], run["dop"], run["status"]) for run in document["runs"]] == [
+        ("cli", False, "ok"), ("cli", True, "ok")]
+    with_dop = Path(document["runs"][1]["run_dir"]) / "config.yaml"
+    assert json.loads(with_dop.read_text())["train"]["diff_output_preservation"] is True
+    table = (work / "results" / "realrun-tiny-8gb-cli-dop.md").read_text()
+    assert "| SD3 (tiny) | cli + DOP | CPU | yes |" in table
+    plain, dop = (run["steady_s_per_step"] for run in document["runs"])
+    assert f"- DOP, cli 8 GB: {dop:.3f} s/step against {plain:.3f} without: {dop - plain:+.3f} s per step" in table
