@@ -1,6 +1,7 @@
 """Several datasets, masked loss, regularisation weight and differential output preservation (DOP), on the
 tiny models: each against a formula computed here, independently of the engine's code path."""
 
+import importlib
 import math
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_server import PACK_MODULE, import_pack
 from tiny_encoders import build_clip, build_vae
 from tiny_models import MODEL_FACTORIES, random_inputs
 
@@ -477,3 +479,54 @@ def test_resume_is_bit_exact_with_two_datasets_a_mask_regularisation_and_dop(mas
     second.run()
     expected, actual = straight.network.state_dict(), second.network.state_dict()
     assert all(torch.equal(actual[k], expected[k]) for k in expected)
+
+
+# -- compiled blocks, and the node ---------------------------------------------------------------------
+
+
+def samples_with_every_term(patcher, count: int = 2) -> list[Sample]:
+    """Samples whose conditionings carry a mask, a loss weight and a class-word conditioning."""
+    latents, conditioning, _, _ = fixed_batch(patcher, count)
+    class_conditioning = fixed_batch(patcher, count, seed=7)[1]
+    samples = []
+    for i in range(count):
+        mask = torch.ones((1, *LATENT_HW))
+        mask[:, :, : 2 + i] = 0
+        terms = {LOSS_MASK: mask, LOSS_WEIGHT: torch.tensor(0.5 + i), PRESERVE_WEIGHT: torch.tensor(1.0 - i / 2)}
+        own = {k: v[i] for k, v in conditioning.items()}
+        preserve = {PRESERVE + k: v[i] for k, v in class_conditioning.items()}
+        samples.append(Sample(latents[i], own | preserve | terms, str(i)))
+    return samples
+
+
+@pytest.mark.parametrize("name", ["sd3"])  # compiling takes minutes on the CPU: one family
+def test_compiled_checkpointed_blocks_train_with_every_term_like_eager_ones(name):
+    """The LoRA-off pass of DOP runs without gradient, where compiled blocks run eagerly; the two passes with
+    the LoRA on run compiled and checkpointed. The losses are the eager run's."""
+    patcher = MODEL_FACTORIES[name]()
+    losses = []
+    for mode in ("off", "on"):
+        trainer = Trainer(patcher, samples_with_every_term(patcher), LoraConfig(rank=4),
+                          train_config(steps=3, gradient_checkpointing=True, compile_blocks=mode, batch_size=2))
+        reported = []
+        trainer.run(lambda t, reports, reported=reported: reported.extend(r.loss for r in reports))
+        losses.append(torch.tensor(reported))
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-5)
+
+
+def test_chained_dataset_nodes_give_the_datasets_in_chain_order():
+    import_pack()  # the node modules import the engine relative to the pack, as ComfyUI loads them
+    node_module = importlib.import_module(f"{PACK_MODULE}.nodes.dataset")
+    DatasetNode, DatasetConfig = node_module.DatasetNode, node_module.DatasetConfig  # noqa: N806
+
+    first = DatasetNode.execute("people", 512, "", "", 0.0, False, 1, False, regularization=True).result[0]
+    second = DatasetNode.execute(" me ", 1024, " sks ", "", 0.05, False, 1, True, dataset=first, repeats=3,
+                                 mask_folder=" masks ", preservation_class=" person ").result[0]
+    assert [c.folder for c in second.members] == ["people", " me "]
+    assert second.members[0].regularization and second.members[0].loss_weight == 1.0
+    me = second.members[1]
+    assert (me.trigger_word, me.repeats, me.mask_folder, me.preservation_class) == ("sks", 3, "masks", "person")
+    assert second.trigger_word == "sks"
+    # A graph saved before these inputs existed gives none of them: the defaults stand in.
+    alone = DatasetNode.execute("me", 1024, "", "", 0.05, False, 1, False).result[0]
+    assert alone.members == (DatasetConfig(folder="me", resolution=1024, caption_dropout=0.05, keep_tags=1),)
