@@ -425,6 +425,7 @@ def test_the_class_word_conditioning_is_the_encoding_of_the_class_caption(subjec
 @pytest.mark.parametrize("overrides, field", [
     ({"regularization": True, "trigger_word": "sks"}, "trigger_word"),
     ({"preservation_class": "man"}, "preservation_class"),
+    ({"regularization": True, "preservation_class": "man"}, "preservation_class"),
     ({"loss_weight": 0.0}, "loss_weight"),
     ({"preservation_weight": float("nan")}, "preservation_weight"),
     ({"repeats": 0}, "repeats"),

@@ -142,6 +142,8 @@ class DatasetConfig:
                      owner, name, f"must be a number in (0, {MAX_LOSS_WEIGHT}], got {value!r}")
         _require(not (self.regularization and self.trigger_word.strip()), owner, "trigger_word",
                  "a regularisation dataset trains its class without the trigger word: leave it empty there")
+        _require(not (self.regularization and self.preservation_class.strip()), owner, "preservation_class",
+                 "a regularisation dataset has no trigger word to replace: leave it empty there")
         _require(not (self.preservation_class.strip() and not self.trigger_word.strip()), owner, "preservation_class",
                  "differential output preservation replaces the trigger word by the class word: give the "
                  "dataset's trigger_word too")

@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class Sample:
     """One training example: VAE latents (C, H, W) in the model's latent space, and the
-    family's conditioning tensors for it (see Family.conditioning)."""
+    family's conditioning tensors for it (see Family.conditioning), with the loss terms of
+    objective.py (mask, loss weight, preservation) where its dataset has them."""
 
     latents: torch.Tensor
     conditioning: dict[str, torch.Tensor]
