@@ -545,3 +545,21 @@ def test_a_wrong_dataset_setting_is_refused_naming_its_entry_and_line(files, tmp
     path = write(tmp_path, config)
     assert cli.main(["train", str(path), "--cpu"]) == cli.EXIT_CONFIG
     assert f"config.yaml:{line_of(path, line_text)}: {expected}" in caplog.text
+
+
+def test_torchrun_with_masks_regularisation_and_preservation_trains_the_lora_of_one_process(files, tmp_path):
+    """Each process's shard carries its samples' masks, loss weights and class-word conditionings."""
+    config = with_two_datasets(files, tmp_path / "data")
+    config["save"]["dtype"] = "float32"
+    del config["sample"]
+    single, parallel = write(tmp_path / "single", config), write(tmp_path / "parallel", config)
+    assert cli.main(["train", str(single), "--cpu"]) == 0
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "trainer_core", "train", str(parallel), "--cpu"]
+    result = subprocess.run(command, cwd=REPO_ROOT, env=os.environ | {"COMFYUI_PATH": str(COMFY_HOST)},
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-4000:]
+    one, two = (safetensors.torch.load_file(p.parent / "out/tiny/tiny.safetensors") for p in (single, parallel))
+    assert one.keys() == two.keys()
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-6, msg=key)
