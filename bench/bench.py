@@ -85,6 +85,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                         help="ours: TrainConfig.compile_blocks (the engine's default, auto, compiles SD3 and "
                              "Flux blocks on a GPU)")
+    parser.add_argument("--blocks-to-swap", type=int, default=0, metavar="N",
+                        help="ours: TrainConfig.blocks_to_swap (-1: auto); the model is then built in host memory "
+                             "and loaded by the trainer, so that the swapped blocks stay off the card")
     parser.add_argument("--profile", type=Path, help="profile two steps of ours after the warm-up; tables go here")
     args = parser.parse_args(argv)
     defaults = (3, 1, 64) if args.smoke else (8, 3, 1024)
@@ -177,11 +180,16 @@ def run_ours(arch, variant, args, device, result: dict) -> None:
     from trainer_core.families import family_for
     from trainer_core.trainer import Sample, Trainer
 
-    patcher = build(arch, variant.weight_dtype, device, check_detection=not args.smoke)
+    if args.blocks_to_swap:
+        # Built in host memory (slower to fill with random weights), as ComfyUI's loaders leave a model.
+        patcher = build(arch, variant.weight_dtype, torch.device("cpu"), check_detection=not args.smoke,
+                        load_device=device)
+    else:
+        patcher = build(arch, variant.weight_dtype, device, check_detection=not args.smoke)
     config = TrainConfig(
         steps=args.steps, learning_rate=LEARNING_RATE, batch_size=variant.batch_size, optimizer=variant.optimizer,
         precision="bf16", gradient_checkpointing=True, compile_blocks=args.compile, attention=args.attention,
-        cuda_graphs=args.cuda_graphs,
+        cuda_graphs=args.cuda_graphs, blocks_to_swap=args.blocks_to_swap,
     )
     family = family_for(patcher.model, config)
     latents, texts = random_dataset(arch, max(DATASET_SIZE, variant.batch_size), args.resolution)
@@ -192,8 +200,13 @@ def run_ours(arch, variant, args, device, result: dict) -> None:
     if args.freeze_base:
         patcher.model.diffusion_model.requires_grad_(False)
     trainer = Trainer(patcher, samples, LoraConfig(rank=LORA_RANK, alpha=LORA_RANK), config)
-    result["forward_flops"] = forward_flops(trainer.family, samples, variant.batch_size, device)
-    print(f"      forward {result['forward_flops'] / 1e12:.3g} TFLOP at batch {variant.batch_size}", flush=True)
+    if args.blocks_to_swap:
+        # The model is in host memory until the trainer loads it: a bare forward here would run on the CPU.
+        print("      forward FLOPs not counted (block swap)", flush=True)
+    else:
+        result["forward_flops"] = forward_flops(trainer.family, samples, variant.batch_size, device)
+        print(f"      forward {result['forward_flops'] / 1e12:.3g} TFLOP at batch {variant.batch_size}", flush=True)
+    result["blocks_swapped_setting"] = args.blocks_to_swap
     clock = StepClock(device, "ours", args.steps, result)
     profiler = profile_steps(args, device)
 
@@ -206,6 +219,7 @@ def run_ours(arch, variant, args, device, result: dict) -> None:
         trainer.run(on_step)
     if args.profile:
         write_profile(profiler, args.profile / f"{arch.key}-{variant.key}.txt", result)
+    result["blocks_swapped"] = trainer.blocks_swapped
     # Only the LoRA should get gradients: a base weight with one means backward did a full weight-gradient pass.
     result["base_weights_with_grad"] = sum(p.grad is not None for p in patcher.model.diffusion_model.parameters())
     if result["base_weights_with_grad"]:

@@ -2,6 +2,7 @@
 product's defaults, on full-size random-weight files in the release layouts, on simulated 8-24 GB cards.
 
     python bench/realrun.py --model sdxl --card-gb 8 12 [--entry cli|node|both] [--steps 60] [--models DIR]
+        [--blocks-to-swap N|auto]
 
 What one call does, in order:
 1. Model files (bench/realrun_files.py): the model's files in the release layouts and names, random weights,
@@ -130,6 +131,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dop", action="store_true",
                         help="run each configuration without and with differential output preservation, to "
                              "measure what it costs per step")
+    parser.add_argument("--blocks-to-swap", type=swap_setting, default=None, metavar="N|auto",
+                        help="train.blocks_to_swap / the node's blocks_to_swap: N blocks, or auto (default: the "
+                             "product's, 0)")
     parser.add_argument("--child", choices=("generate", "cli", "server"), help=argparse.SUPPRESS)
     parser.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -269,7 +273,8 @@ class Bench:
         self.poller: MemoryUsedPoller | None = None
         self.runs: list[dict] = []
         cards = "-".join(f"{c:g}" for c in args.card_gb)
-        self.name = f"realrun-{self.label}-{cards}gb-{args.entry}" + ("-dop" if args.dop else "")
+        swap = "" if args.blocks_to_swap is None else f"-swap-{swap_text(args.blocks_to_swap)}"
+        self.name = f"realrun-{self.label}-{cards}gb-{args.entry}" + ("-dop" if args.dop else "") + swap
         self.header: dict = {}
 
     def remaining(self) -> float:
@@ -337,7 +342,8 @@ class Bench:
         meta = {"model": self.label, "label": realrun_files.LABELS[self.label], "entry": entry, "card_gib": card,
                 "dop": dop,
                 "simulated": self.gpu is not None, "weights": self.args.weights, "run_dir": str(run_dir),
-                "compile_cache_warm": cache.is_dir() and any(cache.iterdir())}
+                "compile_cache_warm": cache.is_dir() and any(cache.iterdir()),
+                "blocks_to_swap": None if self.args.blocks_to_swap is None else swap_text(self.args.blocks_to_swap)}
         if self.gpu is not None:
             meta["reserve_vram_gib"] = round(self.reserve_gib(card), 3)
         log.info("%s %s%s on a %g GiB card (%.0f s left)", self.label, entry, " with DOP" if dop else "", card,
@@ -496,6 +502,20 @@ def read_records(path: Path) -> list[dict]:
 # -- the two entries' inputs -----------------------------------------------------------------------------
 
 
+def swap_setting(text: str) -> int:
+    """--blocks-to-swap: a count, or auto (TrainConfig's -1)."""
+    if text == "auto":
+        return -1
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a number of blocks or auto, got {text!r}")
+    return int(text)
+
+
+def swap_text(value: int) -> str | int:
+    """The YAML's form of a blocks_to_swap value: the count, or "auto"."""
+    return "auto" if value == -1 else value
+
+
 def cli_config(bench: Bench, run_dir: Path, dop: bool = False) -> str:
     """The YAML a user writes for lora-train: files, dataset, steps, previews and checkpoints; the rest default.
     With `dop`, differential output preservation with the class word DOP_CLASS."""
@@ -510,7 +530,8 @@ def cli_config(bench: Bench, run_dir: Path, dop: bool = False) -> str:
     config = {
         "name": "realrun", "training_folder": str(run_dir / "output"), "trigger_word": TRIGGER, "model": model,
         "train": {"steps": args.steps} | (
-            {"diff_output_preservation": True, "diff_output_preservation_class": DOP_CLASS} if dop else {}),
+            {"diff_output_preservation": True, "diff_output_preservation_class": DOP_CLASS} if dop else {}) | (
+            {} if args.blocks_to_swap is None else {"blocks_to_swap": swap_text(args.blocks_to_swap)}),
         "save": {"save_every": args.save_every},
         "sample": {"sample_every": args.sample_every, "width": size, "height": size,
                    "prompts": list(SAMPLE_PROMPTS[:args.prompts])},
@@ -560,6 +581,7 @@ def node_graph(bench: Bench, info: dict, run_dir: Path, dop: bool = False) -> di
         "output_name": f"realrun_{run_dir.name}", "steps": args.steps, "save_every": args.save_every,
         "sample_every": args.sample_every, "sample_prompts": "\n".join(SAMPLE_PROMPTS[:args.prompts]),
         "sample_size": 64 if args.tiny else 1024,
+        **({} if args.blocks_to_swap is None else {"blocks_to_swap": args.blocks_to_swap}),
         "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "dataset": ["2", 0], "lora_config": ["3", 0],
     }
     return {
@@ -726,6 +748,8 @@ def summarize(meta: dict, records: list[dict], smi: list[tuple[float, float]], t
     events = [r for r in records if r["kind"] == "event"]
     started = next((e for e in events if e["event"] == "started"), None)
     result["compiling"] = started["data"].get("compiling") if started else None
+    # What block swap did (the number auto chose): the step events carry it.
+    result["blocks_swapped"] = next((e["data"].get("blocks_swapped") for e in events if e["event"] == "step"), None)
     steps = step_times(events, segments, [r for r in records if r["kind"] == "batch"], started)
     result["steps"] = steps
     result["steps_done"] = steps[-1]["step"] if steps else 0
@@ -882,6 +906,8 @@ def table(runs: list[dict], header: dict) -> str:
         fits = {"ok": "yes", "did not fit": "**no** (OOM)"}.get(run["status"], run["status"])
         card = f"{run['card_gib']:g} GB" if run.get("simulated", True) else "CPU"
         entry = run["entry"] + (" + DOP" if run.get("dop") else "")
+        if run.get("blocks_to_swap") is not None:
+            card += f", swap {run['blocks_to_swap']}: {_value(run.get('blocks_swapped'), 'd')}"
         lines.append(
             f"| {run.get('label', run['model'])} | {entry} | {card} | {fits} | "
             f"{_value(run.get('steady_s_per_step'), '.3f')} | {_value(run.get('time_to_first_step_s'), '.1f')} | "

@@ -47,7 +47,8 @@ class RunRecord:
         self.history: dict[str, list] = {"step": [], "loss": [], "lr": []}
         # From the newest step; peak_vram_bytes stays None off CUDA.
         self.rates: dict[str, float | None] = {"images_per_second": None, "eta_seconds": None,
-                                               "elapsed_seconds": None, "peak_vram_bytes": None}
+                                               "elapsed_seconds": None, "peak_vram_bytes": None,
+                                               "blocks_swapped": None}
         self.samples: list[dict] = []
         self.saves: list[dict] = []
         self.error: str | None = None

@@ -10,7 +10,9 @@ from PIL import Image
 
 from ..trainer_core import export
 from ..trainer_core.config import (
+    BLOCKS_TO_SWAP_AUTO,
     COMPILE_MODES,
+    MAX_BLOCKS_TO_SWAP,
     MAX_LEARNING_RATE,
     MAX_STEPS,
     OPTIMIZERS,
@@ -94,6 +96,10 @@ class TrainLoraNode(io.ComfyNode):
                                        "Forge; diffusers reads them too, but not SD 3.5's, nor SDXL's with "
                                        "attention+mlp+conv. diffusers: diffusers' own, read by diffusers and "
                                        "ComfyUI.", **ADVANCED),
+                io.Int.Input("blocks_to_swap", default=0, min=BLOCKS_TO_SWAP_AUTO, max=MAX_BLOCKS_TO_SWAP,
+                             tooltip="Blocks of the model kept in system memory and copied to the card just before "
+                                     "they compute, for cards too small for the model: 0 keeps all on the card; -1 "
+                                     "(auto) swaps the fewest that fit. Needs gradient_checkpointing.", **ADVANCED),
             ],
             hidden=[io.Hidden.unique_id],
             outputs=[
@@ -110,12 +116,12 @@ class TrainLoraNode(io.ComfyNode):
     def execute(cls, model, clip, vae, dataset, lora_config, output_name, steps, learning_rate, optimizer, schedule,
                 warmup_steps, batch_size, gradient_accumulation, precision, gradient_checkpointing, seed, save_every,
                 keep_last, save_dtype, sample_every, sample_prompts, sample_seed, sample_size,
-                resume_from, compile_blocks, save_format) -> io.NodeOutput:
+                resume_from, compile_blocks, save_format, blocks_to_swap) -> io.NodeOutput:
         train = TrainConfig(
             steps=steps, learning_rate=learning_rate, optimizer=optimizer, schedule=schedule,
             warmup_steps=warmup_steps, batch_size=batch_size, gradient_accumulation=gradient_accumulation,
             precision=precision, gradient_checkpointing=gradient_checkpointing, seed=seed,
-            compile_blocks=compile_blocks,
+            compile_blocks=compile_blocks, blocks_to_swap=blocks_to_swap,
         )
         save = SaveConfig(name=output_name.strip(), dtype=save_dtype, every=save_every, keep_last=keep_last,
                           trigger_word=dataset.trigger_word, format=save_format)

@@ -127,3 +127,18 @@ def test_the_real_run_bench_with_dop_runs_each_configuration_without_and_with_it
     assert "| SD3 (tiny) | cli + DOP | CPU | yes |" in table
     plain, dop = (run["steady_s_per_step"] for run in document["runs"])
     assert f"- DOP, cli 8 GB: {dop:.3f} s/step against {plain:.3f} without: {dop - plain:+.3f} s per step" in table
+
+
+def test_the_block_swap_bench_measures_copies_and_compute_per_block_kind(comfy_host: Path, tmp_path: Path) -> None:
+    results = tmp_path / "blockswap.json"
+    command = [sys.executable, "bench/blockswap.py", "--smoke", "--models", "flux", "--weights", "bf16",
+               "--repeats", "2", "--json", str(results)]
+    environment = os.environ | {"COMFYUI_PATH": str(comfy_host), "OMP_NUM_THREADS": "1"}
+    finished = subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    (result,) = json.loads(results.read_text())["results"]
+    kinds = result["per_kind"]
+    assert set(kinds) == {"DoubleStreamBlock", "SingleStreamBlock"}
+    for kind in kinds.values():
+        assert kind["bytes"] > 0 and kind["copy_ms"] > 0 and kind["forward_ms"] > 0 and kind["backward_ms"] > 0
+    assert "| Flux dev | bfloat16 | DoubleStreamBlock |" in finished.stdout

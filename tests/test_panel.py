@@ -50,9 +50,9 @@ def event(kind: str, /, **data):
     return Event(kind, data)
 
 
-def step_event(step: int, loss: float, peak_vram_bytes: int | None = None):
+def step_event(step: int, loss: float, peak_vram_bytes: int | None = None, blocks_swapped: int = 0):
     return event("step", step=step, total_steps=10, loss=loss, lr=1e-4, images_per_second=2.0, eta_seconds=3.0,
-                 elapsed_seconds=1.5, peak_vram_bytes=peak_vram_bytes)
+                 elapsed_seconds=1.5, peak_vram_bytes=peak_vram_bytes, blocks_swapped=blocks_swapped)
 
 
 # -- the run record ------------------------------------------------------------------------------------
@@ -87,8 +87,10 @@ def test_a_run_record_keeps_the_newest_peak_vram_and_none_off_cuda(live_runs, tm
     run = live_runs.RunRecord("7", "my_lora", 10, job=None, output_dir=tmp_path, checkpoint_hook=None)
     run.record(step_event(1, 0.5))
     assert run.snapshot()["peak_vram_bytes"] is None
-    sent = run.record(step_event(2, 0.25, peak_vram_bytes=6_979_321_856))
+    sent = run.record(step_event(2, 0.25, peak_vram_bytes=6_979_321_856, blocks_swapped=16))
     assert sent["peak_vram_bytes"] == run.snapshot()["peak_vram_bytes"] == 6_979_321_856
+    # Block swap's count, for a page that reloads mid-run.
+    assert sent["blocks_swapped"] == run.snapshot()["blocks_swapped"] == 16
 
 
 def test_a_sample_outside_the_output_folder_is_never_pointed_at(live_runs, tmp_path: Path) -> None:
@@ -256,16 +258,20 @@ def test_the_panel_follows_a_flux_run_reloads_stops_and_resumes(comfy_server: Co
         save_screenshot(page, shots / "5-resumed.png")
         peak_cell = page.locator(f"{PANEL} .lora-stats > div", has_text="peak VRAM")
         assert finished["peakVram"] == "" and peak_cell.is_hidden(), "a run on the CPU shows no peak VRAM"
+        swapped_cell = page.locator(f"{PANEL} .lora-stats > div", has_text="blocks swapped")
+        assert finished["blocksSwapped"] == "" and swapped_cell.is_hidden(), "a run without block swap says nothing"
         # A run on CUDA sends its peak with every step; this server trains on the CPU, so the page is handed
         # one such event as the websocket hands it over.
         node = comfy_server.get_json("/lora_trainer/status")["run"]["node"]
         cuda_step = {"run_id": finished["runId"], "node": node, "step": stop_step + 3, "total_steps": stop_step + 3,
                      "loss": 0.5, "lr": 1e-3, "images_per_second": 1.0, "eta_seconds": 0.0,
-                     "peak_vram_bytes": 6_979_321_856}
+                     "peak_vram_bytes": 6_979_321_856, "blocks_swapped": 16}
         page.evaluate("(detail) => window.comfyAPI.api.api.dispatchCustomEvent('lora_trainer.step', detail)",
                       cuda_step)
         assert wait_for_panel(page, "d.peakVram !== ''")["peakVram"] == "6.50 GiB"
         assert peak_cell.is_visible() and peak_cell.inner_text().split() == ["peak", "VRAM", "6.50", "GiB"]
+        assert panel_data(page)["blocksSwapped"] == "16"
+        assert swapped_cell.is_visible() and swapped_cell.inner_text().split() == ["blocks", "swapped", "16"]
         assert not page.errors, f"the page raised: {page.errors}"
 
     resumed = comfy_server.get_json("/lora_trainer/status")["run"]

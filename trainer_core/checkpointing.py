@@ -16,7 +16,7 @@ def _copy_tensors(values):
 
 @contextlib.contextmanager
 def wrapped_blocks(blocks: list[nn.Module], checkpoint: bool, copy_inputs: bool, compile: bool,
-                   dynamic: bool = False):
+                   dynamic: bool = False, around=None):
     """Per-block changes for a run: each block its own checkpoint (its activations recomputed in
     backward) and/or compiled by torch.compile (fewer, fused kernels: less launch overhead).
 
@@ -26,6 +26,9 @@ def wrapped_blocks(blocks: list[nn.Module], checkpoint: bool, copy_inputs: bool,
     `dynamic` compiles each block once for inputs of any size, for runs whose batches come in
     several shapes (aspect-ratio buckets): compiled for fixed sizes, every block would compile
     again at each bucket's first step (SD3.5 Medium on an H200: ~95 s; issue 13).
+
+    `around(block, forward)`, where given, wraps each block's (compiled) forward inside its checkpoint,
+    so it runs in the forward and again in the recompute (block swap brings the block's weights there).
 
     Compiled code stays cached after the run, and a later run on the same model and shapes reuses
     it: it reaches the LoRA layers through the blocks' hooks and guards on their shapes and
@@ -38,6 +41,8 @@ def wrapped_blocks(blocks: list[nn.Module], checkpoint: bool, copy_inputs: bool,
             forward = block.forward
             if compile:
                 forward = _compiled_for_training(_with_own_code(forward), dynamic)
+            if around is not None:
+                forward = around(block, forward)
             if checkpoint:
                 forward = _checkpointed(forward, copy_inputs)
             block.forward = forward

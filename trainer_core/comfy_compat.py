@@ -2,9 +2,14 @@
 
 import contextlib
 
+import comfy.float
+import comfy.lora
 import comfy.model_management
+import comfy.model_patcher
 import folder_paths
 import torch
+
+from .config import ConfigError
 
 
 def forget_file_list(folder_name: str) -> None:
@@ -64,6 +69,29 @@ def restore_loading_state(model: torch.nn.Module, state: dict) -> None:
                 setattr(module, name, before[name])
             elif name in module.__dict__:
                 delattr(module, name)
+
+
+def patched_weight(patcher, key: str, weight: torch.Tensor) -> torch.Tensor | None:
+    """`weight` (the model's tensor at `key`) with the patcher's patches applied (LoRAs loaded before
+    training), or None where it has none: as ComfyUI's loader patches a weight it loads
+    (`ModelPatcher.patch_weight_to_device` in 0.3.75: computed in fp32, rounded back to the weight's dtype with
+    the key's seed), but into a new tensor, leaving the model's own and ComfyUI's backups alone. For weights
+    its loader does not see (swapped blocks)."""
+    if key not in patcher.patches:
+        return None
+    _, set_func, convert_func = comfy.model_patcher.get_key_weight(patcher.model, key)
+    if set_func is not None or convert_func is not None:
+        raise ConfigError(f"train.blocks_to_swap: {key} is patched by a LoRA loaded before training and stored in a "
+                          "format only ComfyUI's loader can patch; set blocks_to_swap to 0, or train without that LoRA")
+    patched = comfy.lora.calculate_weight(patcher.patches[key], weight.to(torch.float32, copy=True), key)
+    return comfy.float.stochastic_rounding(patched, weight.dtype, seed=comfy.model_patcher.string_to_seed(key))
+
+
+def device_memory_available(device) -> int:
+    """Bytes free on `device` for a run, as ComfyUI reckons it: free memory (the driver's and what PyTorch
+    holds unused) less what ComfyUI keeps free for other programs (`--reserve-vram`, which the real-run
+    benchmark uses to simulate a smaller card)."""
+    return comfy.model_management.get_free_memory(device) - comfy.model_management.extra_reserved_memory()
 
 
 @contextlib.contextmanager

@@ -18,6 +18,9 @@ LOSSES = ("mse", "huber")
 COMPILE_MODES = ("auto", "on", "off")
 ATTENTION_KERNELS = ("auto", "flash", "cudnn")
 CUDA_GRAPH_MODES = ("auto", "off")
+BLOCKS_TO_SWAP_AUTO = -1
+# More blocks than any supported model has (Flux: 57, SD3.5 Large: 38, SDXL: 70 checkpointed blocks).
+MAX_BLOCKS_TO_SWAP = 1000
 SAVE_DTYPES = ("bf16", "fp16", "fp32")
 # Above it every optimizer here diverges in the first steps (adaptive ones, Prodigy, take 1.0); inf, NaN
 # and values like 1e38 would make the weights non-finite before the loss shows it.
@@ -98,6 +101,10 @@ class TrainConfig:
     # where a step has one backward, no fp16 gradient scaler and no LoRA dropout; "off" runs every
     # step eagerly.
     cuda_graphs: str = "auto"
+    # Blocks of the diffusion model kept in host memory and copied to the card just before they compute
+    # (blockswap.py): 0 keeps all on the card; BLOCKS_TO_SWAP_AUTO (-1) swaps the fewest that let a step
+    # fit the card's free memory. Needs gradient_checkpointing.
+    blocks_to_swap: int = 0
     seed: int = 0
     loss: str = "mse"
     huber_delta: float = 0.1
@@ -133,6 +140,13 @@ class TrainConfig:
         _one_of(owner, "compile_blocks", self.compile_blocks, COMPILE_MODES)
         _one_of(owner, "attention", self.attention, ATTENTION_KERNELS)
         _one_of(owner, "cuda_graphs", self.cuda_graphs, CUDA_GRAPH_MODES)
+        swap = self.blocks_to_swap
+        swap_ok = isinstance(swap, int) and not isinstance(swap, bool)
+        _require(swap_ok and BLOCKS_TO_SWAP_AUTO <= swap <= MAX_BLOCKS_TO_SWAP, owner, "blocks_to_swap",
+                 f"must be an integer from 0 to {MAX_BLOCKS_TO_SWAP}, or -1 (auto), got {swap!r}")
+        _require(swap == 0 or self.gradient_checkpointing, owner, "blocks_to_swap", "needs gradient_checkpointing "
+                 "on (without it a swapped block's weights stay on the card until the backward): turn it on, or "
+                 "set blocks_to_swap to 0")
         _require(self.logit_std > 0, owner, "logit_std", f"must be > 0, got {self.logit_std!r}")
         _require(self.noise_offset >= 0, owner, "noise_offset", f"must be >= 0, got {self.noise_offset!r}")
         _require(self.min_snr_gamma >= 0, owner, "min_snr_gamma", "must be >= 0 (0 turns the weighting off)")

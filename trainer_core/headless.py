@@ -45,6 +45,7 @@ TRAIN_KEYS = {
     "gradient_accumulation": "train.gradient_accumulation", "optimizer": "train.optimizer",
     "schedule": "train.lr_scheduler", "warmup_steps": "train.warmup_steps", "max_grad_norm": "train.max_grad_norm",
     "precision": "train.dtype", "gradient_checkpointing": "train.gradient_checkpointing", "seed": "train.seed",
+    "blocks_to_swap": "train.blocks_to_swap",
 }
 SAVE_KEYS = {
     "name": "name", "dtype": "save.dtype", "every": "save.save_every", "keep_last": "save.max_step_saves_to_keep",

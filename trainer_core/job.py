@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class Event:
     """kind: "started" (data: step to start from, total_steps, whether the first step compiles),
-    "step" (with peak_vram_bytes: None off CUDA), "sample", "saved", "error", "done" (data: {"cancelled": bool})."""
+    "step" (with peak_vram_bytes: None off CUDA, and blocks_swapped: how many blocks block swap keeps off the
+    card), "sample", "saved", "error", "done" (data: {"cancelled": bool})."""
 
     kind: str
     data: dict = field(default_factory=dict)
@@ -249,6 +250,7 @@ class TrainingJob:
             "eta_seconds": eta,
             "elapsed_seconds": now - self._started_at,
             "peak_vram_bytes": peak_vram_bytes(self.trainer.device),
+            "blocks_swapped": self.trainer.blocks_swapped,
         }
 
 

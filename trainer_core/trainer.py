@@ -21,8 +21,10 @@ from torch.nn.attention import SDPBackend
 
 from . import comfy_compat
 from .attention import kernel_order, kernels_in_order
+from .blockswap import BlockSwapper, chosen_swap_count, estimate_step, swapped_indices, tensor_bytes
 from .checkpointing import make_autograd_safe, wrapped_blocks
-from .config import ConfigError, LoraConfig, TrainConfig
+from .comfy_compat import device_memory_available
+from .config import BLOCKS_TO_SWAP_AUTO, ConfigError, LoraConfig, TrainConfig
 from .families import family_for
 from .graphs import GraphedSteps
 from .lora import LoraNetwork
@@ -199,6 +201,8 @@ class Trainer:
         self._conditioning_keys = sorted(self.samples[0].conditioning)
         self._graphed: GraphedSteps | None = None
         self._loading_state: dict = {}
+        # How many blocks the session swaps (blockswap.py; decided when it starts where blocks_to_swap is auto).
+        self.blocks_swapped = 0
 
     @property
     def device(self) -> torch.device:
@@ -209,20 +213,19 @@ class Trainer:
     @contextlib.contextmanager
     def session(self):
         """The model on the training device, gradients on, LoRA and checkpoints installed."""
-        with torch.inference_mode():
-            # Weights moved here are inference tensors, which make_autograd_safe then copies;
-            # moved outside inference mode they would lack autograd's version counter.
-            comfy.model_management.load_models_gpu([self.patcher], force_full_load=True)
-        self._loading_state = comfy_compat.loading_state(self.family.diffusion_model)
+        cfg = self.config
+        compile_blocks = self.compiles_blocks
+        blocks = self.family.checkpoint_blocks() if cfg.gradient_checkpointing or compile_blocks else []
+        swapper = self._block_swapper(blocks)
+        if swapper is None:
+            self._load_model()
         with torch.inference_mode(False), torch.enable_grad():
             diffusion_model = self.family.diffusion_model
-            make_autograd_safe(diffusion_model)
+            if swapper is None:
+                make_autograd_safe(diffusion_model)
             # Only the LoRA learns: no base weight may collect a gradient.
             trainable = [(p, p.requires_grad) for p in diffusion_model.parameters()]
             diffusion_model.requires_grad_(False)
-            cfg = self.config
-            compile_blocks = self.compiles_blocks
-            blocks = self.family.checkpoint_blocks() if cfg.gradient_checkpointing or compile_blocks else []
             try:
                 self._prepare_samples()
                 with (
@@ -231,7 +234,9 @@ class Trainer:
                     self.network.attached(diffusion_model),
                     self.family.training_patches(),
                     wrapped_blocks(blocks, cfg.gradient_checkpointing, self.family.blocks_mutate_inputs,
-                                   compile_blocks, dynamic=self.input_shapes_vary),
+                                   compile_blocks, dynamic=self.input_shapes_vary,
+                                   around=swapper.wrap if swapper else None),
+                    self._swapping(swapper),
                 ):
                     self.network.train()
                     if self.uses_cuda_graphs:
@@ -242,14 +247,82 @@ class Trainer:
                 self._graphed = None
                 self.network.eval()
                 for parameter, requires_grad in trainable:
-                    parameter.requires_grad_(requires_grad)
+                    # A swapped block keeps its own parameters, inference tensors where ComfyUI loaded the
+                    # model; such a tensor takes its flag back only in inference mode.
+                    with torch.inference_mode(parameter.is_inference()):
+                        parameter.requires_grad_(requires_grad)
                 comfy.model_management.soft_empty_cache()
+
+    def _load_model(self) -> None:
+        with torch.inference_mode():
+            # Weights moved here are inference tensors, which make_autograd_safe then copies;
+            # moved outside inference mode they would lack autograd's version counter.
+            comfy.model_management.load_models_gpu([self.patcher], force_full_load=True)
+        self._loading_state = comfy_compat.loading_state(self.family.diffusion_model)
 
     def reload_model(self) -> None:
         """Loads the model fully again after something between steps (a preview's VAE) made ComfyUI
-        unload part of it, as the steps found it: same device, same attributes on its modules."""
+        unload part of it, as the steps found it: same device, same attributes on its modules (with
+        block swap, the swapped blocks stay where they are: ComfyUI does not see them)."""
         comfy.model_management.load_models_gpu([self.patcher], force_full_load=True)
         comfy_compat.restore_loading_state(self.family.diffusion_model, self._loading_state)
+
+    def _block_swapper(self, blocks: list[torch.nn.Module]) -> BlockSwapper | None:
+        """The swapper of this run's `blocks_to_swap` (blockswap.py), or None where nothing is swapped.
+        The model leaves the card first, also where ComfyUI had loaded it partially: the swapped blocks
+        are stored from host memory, and "auto" reads the card's free memory without the model."""
+        wanted = self.config.blocks_to_swap
+        if wanted == 0:
+            return None
+        comfy_compat.unload_models([self.patcher])
+        if wanted > len(blocks):
+            raise ConfigError(f"train.blocks_to_swap: {wanted} is more than the {len(blocks)} blocks this model has; "
+                              f"give at most {len(blocks)}, or -1 (auto)")
+        count = self._auto_swap_count(blocks) if wanted == BLOCKS_TO_SWAP_AUTO else wanted
+        self.blocks_swapped = count
+        if count == 0:
+            return None
+        swapper = BlockSwapper(blocks, swapped_indices(len(blocks), count), self.device)
+        log.info("block swap: %d of %d blocks (%.2f GiB) stay in host memory and visit %s one at a time",
+                 count, len(blocks), swapper.swapped_bytes / 2**30, self.device)
+        if self.config.cuda_graphs == "auto" and self.device.type == "cuda":
+            log.info("block swap: steps run eagerly, not as CUDA graphs (a graph replays the device addresses it "
+                     "recorded and cannot follow the blocks' copies from host memory)")
+        return swapper
+
+    def _auto_swap_count(self, blocks: list[torch.nn.Module]) -> int:
+        """The fewest blocks to swap for a step at the run's largest batch to fit the card's free memory
+        (less what ComfyUI keeps in reserve), from blockswap's estimate."""
+        batch_shape = max(self.order.batch_shapes(), key=math.prod)
+        text_tokens = max((t.shape[0] for s in self.samples for c in (s.conditioning, *(a for _, a in s.alternatives))
+                           for t in c.values() if t.ndim == 2), default=0)
+        available = device_memory_available(self.device)
+        estimate = estimate_step(self.family.diffusion_model, blocks, sum(p.numel() for p in self.network.parameters()),
+                                 self.config.optimizer, batch_shape, text_tokens, self.family.compute_dtype(),
+                                 available)
+        return chosen_swap_count([tensor_bytes(b) for b in blocks], estimate, f"batch {tuple(batch_shape)}")
+
+    @contextlib.contextmanager
+    def _swapping(self, swapper: BlockSwapper | None):
+        """With a swapper: the swapped blocks away, the rest of the model loaded on the card; afterwards
+        every block back and the model unloaded, so ComfyUI sees it whole (and loads it as usual)."""
+        if swapper is None:
+            yield
+            return
+        diffusion_model = self.family.diffusion_model
+        # A LoRA loaded before training patches the weights ComfyUI loads; the swapped blocks' are patched here.
+        names = {module: name for name, module in self.patcher.model.named_modules()}
+
+        def patched(block, name, tensor):
+            return comfy_compat.patched_weight(self.patcher, f"{names[block]}.{name}", tensor)
+
+        try:
+            with swapper.installed(diffusion_model, patched):
+                self._load_model()
+                make_autograd_safe(diffusion_model)
+                yield
+        finally:
+            comfy_compat.unload_models([self.patcher])
 
     @property
     def compiles_blocks(self) -> bool:
@@ -279,10 +352,11 @@ class Trainer:
         one backward (gradient accumulation), a gradient scaler (fp16) reads values on the host
         between them, a subclass says its backward cannot be recorded (`records_graphs`), or LoRA
         dropout draws masks that the checkpoints' recomputes must redraw alike (not verified in a
-        recorded graph)."""
+        recorded graph), or blocks are swapped (blockswap.py: host copies a graph cannot follow)."""
         cfg = self.config
         return (cfg.cuda_graphs == "auto" and self.device.type == "cuda" and cfg.gradient_accumulation == 1
-                and not self.scaler.is_enabled() and self.records_graphs and self.lora_config.dropout == 0)
+                and not self.scaler.is_enabled() and self.records_graphs and self.lora_config.dropout == 0
+                and not self.blocks_swapped)
 
     @property
     def attention_kernels(self) -> list[SDPBackend]:

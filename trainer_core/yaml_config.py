@@ -25,7 +25,16 @@ from pathlib import Path
 import yaml
 from yaml.constructor import SafeConstructor
 
-from .config import MAX_LEARNING_RATE, MAX_STEPS, OPTIMIZERS, SAVE_FORMATS, SCHEDULES, ConfigError
+from .config import (
+    BLOCKS_TO_SWAP_AUTO,
+    MAX_BLOCKS_TO_SWAP,
+    MAX_LEARNING_RATE,
+    MAX_STEPS,
+    OPTIMIZERS,
+    SAVE_FORMATS,
+    SCHEDULES,
+    ConfigError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +51,7 @@ MAX_INT = 2**32 - 1
 LIST_KINDS = ("strings", "files", "resolution")
 EXPECTED = {"int": "an integer", "float": "a number", "bool": "true or false",
             "resolution": "an integer or a list of integers", "strings": "a list of strings",
-            "files": "a list of strings"}
+            "files": "a list of strings", "count_or_auto": "an integer >= 0 or 'auto'"}
 # Values in messages: a short prefix of a string, the first items of a list.
 SHOWN = reprlib.Repr()
 SHOWN.maxstring = SHOWN.maxother = 80
@@ -97,6 +106,8 @@ TRAIN = {
     "warmup_steps": Key("int", 0),
     "max_grad_norm": Key("float", 1.0),
     "gradient_checkpointing": Key("bool", True),
+    # kohya's name; "auto" (or -1) swaps the fewest blocks that fit (TrainConfig.blocks_to_swap).
+    "blocks_to_swap": Key("count_or_auto", 0, maximum=MAX_BLOCKS_TO_SWAP),
     "noise_scheduler": Key("str", "", NOISE_SCHEDULERS),
     "dtype": Key("str", "bf16", DTYPE_NAMES),
     "seed": Key("int", 0),
@@ -387,6 +398,11 @@ class _Reader:
         if kind == "int":
             if isinstance(value, bool) or not isinstance(value, int):
                 raise wrong("an integer")
+        elif kind == "count_or_auto":
+            if value in ("auto", BLOCKS_TO_SWAP_AUTO):
+                return BLOCKS_TO_SWAP_AUTO
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise wrong("an integer >= 0 or 'auto'")
         elif kind == "float":
             if isinstance(value, str):
                 try:

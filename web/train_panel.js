@@ -90,8 +90,10 @@ class TrainPanel {
     const [speed, speedCell] = stat("img/s");
     const [eta, etaCell] = stat("ETA");
     const [peak, peakCell] = stat("peak VRAM");
-    this.fields = { step, loss, smooth, lr, speed, eta, peak };
+    const [swapped, swappedCell] = stat("blocks swapped");
+    this.fields = { step, loss, smooth, lr, speed, eta, peak, swapped };
     this.peakCell = peakCell;
+    this.swappedCell = swappedCell;
     this.canvas = element("canvas", { className: "lora-chart" });
     this.chart = new LossChart(this.canvas);
     this.logToggle = element("input", { type: "checkbox", title: "Logarithmic loss axis" });
@@ -107,7 +109,7 @@ class TrainPanel {
     this.strip = element("div", { className: "lora-strip" });
     this.message = element("div", { className: "lora-message" });
     this.root = element("div", { className: "lora-panel" }, [
-      element("div", { className: "lora-stats" }, [stepCell, lossCell, smoothCell, lrCell, speedCell, etaCell, peakCell]),
+      element("div", { className: "lora-stats" }, [stepCell, lossCell, smoothCell, lrCell, speedCell, etaCell, peakCell, swappedCell]),
       this.canvas,
       element("div", { className: "lora-row" }, [
         element("label", {}, [this.logToggle, " log"]), this.statusLine, this.saveButton, this.stopButton,
@@ -225,6 +227,10 @@ class TrainPanel {
     const peak = formatMemory(this.rates.peak_vram_bytes);
     f.peak.textContent = peak;
     this.peakCell.hidden = !peak;
+    // Shown only where block swap keeps blocks off the card (blocks_to_swap, or what auto chose).
+    const swapped = this.rates.blocks_swapped;
+    f.swapped.textContent = swapped ? String(swapped) : "";
+    this.swappedCell.hidden = !swapped;
     this.statusLine.textContent = this.status ? STATUS_TEXT[this.status] : "no run yet";
     const running = this.status === "running";
     this.saveButton.disabled = !running;
@@ -234,7 +240,7 @@ class TrainPanel {
     // For scripts and tests that read the panel.
     Object.assign(this.root.dataset, {
       runId: this.runId ?? "", status: this.status ?? "", points: String(count), lastLoss: last === null ? "" : String(last),
-      samples: String(this.samples.length), peakVram: peak,
+      samples: String(this.samples.length), peakVram: peak, blocksSwapped: swapped ? String(swapped) : "",
     });
   }
 

@@ -1,0 +1,503 @@
+"""Block swap (trainer_core/blockswap.py) on the CPU.
+
+There is no second device here: the training device is the CPU, and a swapped block's stored copy is its
+own CPU tensors. What stands in for "on the card" is a block's parameters being real tensors; away, they
+are placeholders on the meta device, which is what a swapped block holds off the card on a GPU too. The
+copy is a real copy (a fresh tensor per visit), as on a GPU; only the side stream and pinned memory, which
+need CUDA, are not exercised (bench/blockswap.py measures them on the GPU).
+"""
+
+import copy
+import logging
+
+import comfy.model_management
+import comfy.sample
+import graph_data
+import pytest
+import tiny_models
+import torch
+import yaml
+from test_cli import line_of, short_form, write
+from test_engine import fixed_samples, lora_weights, run_collecting_losses, train_config
+from tiny_models import (
+    FLUX_CONFIG_CLASSES,
+    FLUX_TEXT,
+    MODEL_FACTORIES,
+    _build_direct,
+    flux_config,
+    load_sd3,
+    random_inputs,
+)
+
+import trainer_core.trainer
+from trainer_core import blockswap, cli, comfy_compat
+from trainer_core.blockswap import (
+    MemoryEstimate,
+    activation_bytes,
+    bytes_on_device,
+    fewest_blocks_that_fit,
+    swapped_indices,
+)
+from trainer_core.config import ConfigError, LoraConfig
+from trainer_core.families import family_for
+from trainer_core.job import JobHook, TrainingJob
+from trainer_core.trainer import Trainer
+
+_deep_flux = []
+
+
+def new_deep_flux():
+    """Narrow Flux dev with 3 double and 4 single blocks (7 blocks: swapped ones with unswapped between),
+    a model of its own, initialised from the same seed each time."""
+    config = flux_config(128, 2, [8, 28, 28], depth=3, single=4, context_dim=FLUX_TEXT.context_dim,
+                         pooled=FLUX_TEXT.pooled_dim, guidance=True)
+    return _build_direct(FLUX_CONFIG_CLASSES["dev"](config))
+
+
+def deep_flux():
+    """A clone of one shared `new_deep_flux` model."""
+    if not _deep_flux:
+        _deep_flux.append(new_deep_flux())
+    return _deep_flux[0].clone()
+
+
+MODELS = {"flux_dev": deep_flux, "sd3": MODEL_FACTORIES["sd3"], "sdxl_eps": MODEL_FACTORIES["sdxl_eps"]}
+
+
+def blocks_of(patcher, config):
+    return family_for(patcher.model, config).checkpoint_blocks()
+
+
+def is_away(block: torch.nn.Module) -> bool:
+    return all(t.is_meta for t in (*block.parameters(), *block.buffers()))
+
+
+def is_here(block: torch.nn.Module) -> bool:
+    return not any(t.is_meta for t in (*block.parameters(), *block.buffers()))
+
+
+def snapshot(patcher) -> dict:
+    """Every tensor of the model: the object (so a swapped run must put back the very same ones), its
+    values and device."""
+    return {name: (tensor, tensor.detach().clone(), tensor.device)
+            for name, tensor in patcher.model.diffusion_model.state_dict(keep_vars=True).items()}
+
+
+@pytest.mark.parametrize("name, swapped", [("flux_dev", 3), ("sd3", 1), ("sdxl_eps", 5)])
+def test_a_swapped_run_trains_the_same_lora_as_an_unswapped_one_bit_for_bit(name, swapped):
+    losses, weights = {}, {}
+    for swap in (0, swapped):
+        patcher = MODELS[name]()
+        config = train_config(steps=4, gradient_checkpointing=True, blocks_to_swap=swap)
+        trainer = Trainer(patcher, fixed_samples(patcher), LoraConfig(rank=4), config)
+        losses[swap] = run_collecting_losses(trainer)
+        weights[swap] = lora_weights(trainer.network)
+        assert trainer.blocks_swapped == swap
+    assert losses[swapped] == losses[0]
+    assert weights[swapped].keys() == weights[0].keys()
+    assert all(torch.equal(weights[swapped][k], weights[0][k]) for k in weights[0])
+
+
+def test_swapped_blocks_are_on_the_device_only_while_they_compute_and_are_copied_ahead(monkeypatch):
+    patcher = deep_flux()
+    config = train_config(steps=2, gradient_checkpointing=True, blocks_to_swap=3)
+    blocks = blocks_of(patcher, config)
+    assert len(blocks) == 7 and swapped_indices(7, 3) == [1, 3, 5]
+    swapped = [blocks[i] for i in swapped_indices(7, 3)]
+    seen = {"computed": 0, "returned": 0}
+
+    def computing(block):
+        def check(module, args):
+            # Any layer of a swapped block runs with the block's weights on the device, in the forward
+            # and in the checkpoint's recompute during backward alike, and no other swapped block's.
+            assert is_here(block)
+            assert sum(is_here(b) for b in swapped) == 1
+            seen["computed"] += 1
+        return check
+
+    def returned(module, args, output):
+        assert is_away(module)
+        seen["returned"] += 1
+
+    # Spies on the swapper: whether each block's copy was made ahead of its arrival, and how many
+    # swapped blocks were on the device (or on their way) at each copy.
+    arrivals, copies_present = [], []
+    arrive, copy_block = blockswap.BlockSwapper._arrive, blockswap.BlockSwapper._copy
+
+    def arrive_spy(self, index):
+        arrivals.append((index, index in self._present, torch._C._current_graph_task_id() != -1))
+        return arrive(self, index)
+
+    def copy_spy(self, index):
+        copies_present.append(len(self._present) + 1)
+        return copy_block(self, index)
+
+    monkeypatch.setattr(blockswap.BlockSwapper, "_arrive", arrive_spy)
+    monkeypatch.setattr(blockswap.BlockSwapper, "_copy", copy_spy)
+    handles = []
+    for block in swapped:
+        handles += [layer.register_forward_pre_hook(computing(block)) for layer in block.modules()
+                    if isinstance(layer, torch.nn.Linear)]
+        handles.append(block.register_forward_hook(returned))
+    in_between = []
+
+    def between_steps(trainer, reports):
+        in_between.append([is_away(b) for b in swapped])
+
+    try:
+        trainer = Trainer(patcher, fixed_samples(patcher), LoraConfig(rank=4), config)
+        trainer.run(between_steps)
+    finally:
+        for handle in handles:
+            handle.remove()
+    # 2 steps x 3 blocks x (forward, recompute), through every linear layer; the forward hook sees the
+    # forward only (a recompute calls the block's forward function, not the module).
+    assert seen["computed"] >= 2 * 3 * 2 and seen["returned"] == 2 * 3
+    # Forward in block order, recompute in reverse; every copy made while the block before computed.
+    step = [(1, True, False), (3, True, False), (5, True, False), (5, True, True), (3, True, True), (1, True, True)]
+    assert arrivals == step * 2
+    assert max(copies_present) == blockswap.RESIDENT_WINDOW
+    assert in_between == [[True] * 3] * 2
+    # After the run the blocks hold their own weights again.
+    assert all(is_here(b) for b in swapped)
+
+
+@pytest.mark.parametrize("name", ["flux_dev", "sdxl_eps"])
+def test_nothing_of_a_swapped_run_stays_behind(name):
+    patcher = MODELS[name]()
+    inputs = random_inputs(patcher, batch=1, latent_hw=(16, 16), seed=5)
+    family = family_for(patcher.model, train_config())
+    sigma = torch.tensor([500]) if name.startswith("sdxl") else torch.tensor([0.5])
+
+    def generate():
+        with torch.no_grad():
+            return family.predict(inputs["x"], sigma, {"context": inputs["context"], "y": inputs["y"]})
+
+    before_output = generate()
+    config = train_config(steps=2, gradient_checkpointing=True, blocks_to_swap=4)
+    trainer = Trainer(patcher, fixed_samples(patcher), LoraConfig(rank=4), config)
+    trainer.run()
+    before = snapshot(patcher)
+    # A second run from the state the first left: the same objects, values and devices afterwards.
+    Trainer(patcher, fixed_samples(patcher), LoraConfig(rank=4), config).run()
+    after = snapshot(patcher)
+    assert after.keys() == before.keys()
+    for key, (tensor, values, device) in before.items():
+        assert after[key][0] is tensor, key
+        assert torch.equal(after[key][1], values) and after[key][2] == device, key
+    modules = list(patcher.model.diffusion_model.modules())
+    assert not any(isinstance(m, blockswap._StandIn) for m in modules)
+    for module in modules:
+        assert not module._forward_hooks and not module._forward_pre_hooks, type(module).__name__
+        assert "forward" not in vars(module), type(module).__name__
+    # ComfyUI holds the model as unloaded (the next generation loads it whole), and it generates as before.
+    assert not any(m.model is not None and m.model.is_clone(patcher)
+                   for m in comfy.model_management.current_loaded_models)
+    assert torch.equal(generate(), before_output)
+
+
+def test_a_swapped_run_trains_a_model_loaded_under_inference_mode_twice_and_keeps_its_flags():
+    """As the node gets a model: loaded under inference mode (its weights inference tensors), trained from a
+    thread outside it. The swapped blocks keep their own tensors, whose flags the run must give back."""
+    with torch.inference_mode():
+        patcher = load_sd3()
+        samples = fixed_samples(patcher, 2)
+    flags = {name: p.requires_grad for name, p in patcher.model.diffusion_model.named_parameters()}
+    reference = run_collecting_losses(Trainer(load_sd3(), fixed_samples(patcher, 2), LoraConfig(rank=4),
+                                              train_config(steps=2, gradient_checkpointing=True)))
+    config = train_config(steps=2, gradient_checkpointing=True, blocks_to_swap=1)
+    for _ in range(2):
+        assert run_collecting_losses(Trainer(patcher, samples, LoraConfig(rank=4), config)) == reference
+    swapped = family_for(patcher.model, config).checkpoint_blocks()[swapped_indices(2, 1)[0]]
+    assert all(p.is_inference() for p in swapped.parameters()), "the swapped block has its own tensors back"
+    after = {name: p.requires_grad for name, p in patcher.model.diffusion_model.named_parameters()}
+    prefix = next(n for n, m in patcher.model.diffusion_model.named_modules() if m is swapped) + "."
+    assert {n: f for n, f in after.items() if n.startswith(prefix)} == {
+        n: f for n, f in flags.items() if n.startswith(prefix)}
+
+
+def test_a_lora_loaded_before_training_patches_swapped_blocks_too():
+    """Training on top of a LoRA (a LoRA Loader before Train LoRA): ComfyUI patches the weights as it loads
+    them; the swapped blocks, which it does not load, must get their patches as well (also after ComfyUI
+    unloaded and loaded the model between steps), and lose them after."""
+    results = {}
+    for swap in (0, 3):
+        patcher = new_deep_flux()
+        weights = patcher.model.diffusion_model.state_dict()
+        # One patched layer in a swapped block (index 1: double_blocks.1) and one in a block that stays.
+        keys = ["diffusion_model.double_blocks.1.img_attn.qkv.weight",
+                "diffusion_model.double_blocks.0.img_mlp.0.weight"]
+        generator = torch.Generator().manual_seed(11)
+        diffs = {k: 0.05 * torch.randn(weights[k.removeprefix("diffusion_model.")].shape, generator=generator)
+                 for k in keys}
+        assert sorted(patcher.add_patches({k: (d,) for k, d in diffs.items()}, 1.0)) == sorted(keys)
+        before = {k: v.clone() for k, v in weights.items()}
+        config = train_config(steps=3, gradient_checkpointing=True, blocks_to_swap=swap)
+        losses = []
+
+        def unload_between_steps(trainer, reports, losses=losses):
+            # As a preview's VAE on a small card can make ComfyUI do: the model unloaded whole (which puts
+            # back the weights it patched), then loaded again for the next step.
+            losses.extend(r.loss for r in reports)
+            comfy_compat.unload_models([trainer.patcher])
+            trainer.reload_model()
+
+        Trainer(patcher, fixed_samples(patcher), LoraConfig(rank=4), config).run(unload_between_steps)
+        results[swap] = losses
+        if swap:
+            # The swapped run leaves the model unloaded, which takes the patches off (an unswapped one leaves
+            # it loaded, patched, as ComfyUI holds a loaded model).
+            after = patcher.model.diffusion_model.state_dict()
+            assert [k for k in before if not torch.equal(after[k], before[k])] == []
+            assert not patcher.backup
+        else:
+            comfy_compat.unload_models([patcher])
+    unpatched = run_collecting_losses(Trainer(deep_flux(), fixed_samples(deep_flux()), LoraConfig(rank=4),
+                                              train_config(steps=3, gradient_checkpointing=True, blocks_to_swap=3)))
+    assert results[3] == results[0] != unpatched
+
+
+def fp8_deep_flux():
+    """`new_deep_flux` with its weights stored in fp8 (e4m3fn) and computed in fp32, as ComfyUI's loaders set up
+    fp8 weights (manual cast: each layer casts its weight when it runs)."""
+    config = flux_config(128, 2, [8, 28, 28], depth=3, single=4, context_dim=FLUX_TEXT.context_dim,
+                         pooled=FLUX_TEXT.pooled_dim, guidance=True)
+    model_config = FLUX_CONFIG_CLASSES["dev"](config)
+    model_config.set_inference_dtype(torch.float8_e4m3fn, torch.float32)
+    model = model_config.get_model({})
+    model.diffusion_model.load_state_dict(new_deep_flux().model.diffusion_model.state_dict())
+    return tiny_models._patcher(model)
+
+
+def test_fp8_stored_blocks_swap_as_they_are_stored_and_train_as_unswapped():
+    results = {}
+    for swap in (0, 3):
+        patcher = fp8_deep_flux()
+        blocks = blocks_of(patcher, train_config())
+        assert {p.dtype for b in blocks for p in b.parameters() if p.ndim == 2} == {torch.float8_e4m3fn}
+        # What visits the device is the block as stored: fp8, one byte per weight.
+        visiting = []
+        handle = blocks[1].img_attn.qkv.register_forward_pre_hook(
+            lambda module, args, visiting=visiting: visiting.append(module.weight.dtype))
+        config = train_config(steps=3, gradient_checkpointing=True, blocks_to_swap=swap)
+        trainer = Trainer(patcher, fixed_samples(patcher), LoraConfig(rank=4), config)
+        results[swap] = (run_collecting_losses(trainer), lora_weights(trainer.network))
+        handle.remove()
+        assert visiting and set(visiting) == {torch.float8_e4m3fn}
+        comfy_compat.unload_models([patcher])
+    assert results[3][0] == results[0][0]
+    assert all(torch.equal(results[3][1][k], results[0][1][k]) for k in results[0][1])
+
+
+def test_a_swapped_run_resumes_exactly():
+    patcher = deep_flux()
+    config = train_config(steps=4, gradient_checkpointing=True, blocks_to_swap=2)
+    straight = run_collecting_losses(Trainer(patcher, fixed_samples(patcher), LoraConfig(rank=4), config))
+
+    first = Trainer(deep_flux(), fixed_samples(patcher), LoraConfig(rank=4), config)
+    first_losses = []
+
+    def stop_after_two(trainer, reports):
+        first_losses.extend(r.loss for r in reports)
+        return trainer.state.step < 2
+
+    first.run(stop_after_two)
+    state, weights = copy.deepcopy(first.resume_state()), lora_weights(first.network)
+    second = Trainer(deep_flux(), fixed_samples(patcher), LoraConfig(rank=4), config)
+    second.network.load_state_dict(weights)
+    second.load_resume_state(state)
+    assert first_losses + run_collecting_losses(second) == straight
+
+
+def test_swapped_indices_spread_the_blocks_between_unswapped_ones():
+    assert swapped_indices(7, 0) == []
+    assert swapped_indices(7, 1) == [3]
+    assert swapped_indices(7, 3) == [1, 3, 5]
+    assert swapped_indices(7, 6) == [1, 2, 3, 4, 5, 6]
+    assert swapped_indices(7, 7) == list(range(7))
+    # Flux dev's 57 blocks (19 double, 38 single) with 16 swapped: the first block never, none twice.
+    flux = swapped_indices(57, 16)
+    assert flux[:4] == [3, 6, 10, 13] and flux[-1] == 53 and len(set(flux)) == 16
+
+
+def test_the_activation_estimate_in_numbers():
+    # Flux dev at 1024x1024, batch 1: 64x64 patches of the 128x128 latent, 512 T5 tokens, width 3072,
+    # bf16, 57 blocks, a double block of 339 M parameters stored in fp8 (cast to bf16 per layer).
+    hidden_state = 1 * (4096 + 512) * 3072 * 2
+    assert hidden_state == 28_311_552
+    expected = (57 + 24) * hidden_state + 339_000_000 * 2
+    assert activation_bytes(1, 4096, 512, 3072, 2, 57, 339_000_000, weights_cast=True) == expected
+    # Weights stored in the compute dtype are not cast: no extra copy.
+    assert activation_bytes(2, 4096, 512, 3072, 2, 57, 339_000_000, weights_cast=False) == (57 + 24) * 2 * hidden_state
+
+
+def test_the_auto_choice_swaps_the_fewest_blocks_that_fit():
+    mib = 1 << 20
+    blocks = [100 * mib] * 10  # 1000 MiB of blocks
+    # Fixed needs: 50 + 10 + 40 = 100 MiB; the margin is 512 MiB + 5 % of what is available.
+    estimate = MemoryEstimate(rest_of_model=50 * mib, lora=10 * mib, activations=40 * mib, available=2000 * mib)
+    assert estimate.margin == 512 * mib + 100 * mib
+    # Everything on the card: 1100 MiB <= 2000 - 612.
+    assert bytes_on_device(blocks, 0, estimate) == 1100 * mib
+    assert fewest_blocks_that_fit(blocks, estimate) == 0
+    # 1400 available, 1400 - 582 = 818 MiB of budget. With n swapped: 100 + (10 - n) * 100 + 2 * 100 for
+    # n >= 2 (two swapped blocks visit at once); 1300 - 100 n <= 818 from n = 5 (800).
+    tight = MemoryEstimate(rest_of_model=50 * mib, lora=10 * mib, activations=40 * mib, available=1400 * mib)
+    assert tight.margin == 582 * mib
+    assert [bytes_on_device(blocks, n, tight) // mib for n in (1, 4, 5)] == [1100, 900, 800]
+    assert fewest_blocks_that_fit(blocks, tight) == 5
+    # Blocks of two sizes: the largest two swapped ones are what visits.
+    mixed = [300 * mib, 100 * mib, 300 * mib, 100 * mib]
+    assert swapped_indices(4, 2) == [1, 2]
+    assert bytes_on_device(mixed, 2, tight) == (100 + 300 + 100 + 100 + 300) * mib
+    # Nothing fits: every block is swapped (the run tries, with a warning).
+    hopeless = MemoryEstimate(rest_of_model=50 * mib, lora=10 * mib, activations=40 * mib, available=600 * mib)
+    assert fewest_blocks_that_fit(blocks, hopeless) == 10
+
+
+@pytest.mark.parametrize("free_mib, expected", [(1 << 20, 0), (0, 7)])
+def test_auto_reads_the_free_memory_says_how_many_it_swaps_and_the_run_reports_it(monkeypatch, caplog, free_mib,
+                                                                                   expected):
+    # The free memory the run reads (here the CPU's RAM): a terabyte, then nothing at all.
+    monkeypatch.setattr(trainer_core.trainer, "device_memory_available", lambda device: free_mib << 20)
+    patcher = deep_flux()
+    trainer = Trainer(patcher, fixed_samples(patcher), LoraConfig(rank=4),
+                      train_config(steps=2, gradient_checkpointing=True, blocks_to_swap=-1))
+    with caplog.at_level(logging.INFO, logger="trainer_core.blockswap"), TrainingJob(trainer) as job:
+        events = list(job.events())
+    job.result()
+    assert trainer.blocks_swapped == expected
+    assert [e.data["blocks_swapped"] for e in events if e.kind == "step"] == [expected, expected]
+    assert f"block swap (auto): {expected} of 7 blocks" in caplog.text
+    assert ("even with every block swapped the estimate exceeds the free memory" in caplog.text) == (expected == 7)
+
+
+def test_wrong_settings_are_named():
+    with pytest.raises(ConfigError, match=r"^train\.blocks_to_swap: needs gradient_checkpointing on"):
+        train_config(gradient_checkpointing=False, blocks_to_swap=2)
+    with pytest.raises(ConfigError, match=r"^train\.blocks_to_swap: must be an integer from 0 to 1000, or -1"):
+        train_config(gradient_checkpointing=True, blocks_to_swap=-2)
+    patcher = deep_flux()
+    trainer = Trainer(patcher, fixed_samples(patcher), LoraConfig(rank=4),
+                      train_config(steps=1, gradient_checkpointing=True, blocks_to_swap=8))
+    with pytest.raises(ConfigError, match=r"^train\.blocks_to_swap: 8 is more than the 7 blocks this model has"):
+        trainer.run()
+
+
+class PreviewHook(JobHook):
+    """A preview as SampleHook makes one, without the VAE: ComfyUI's sampler on the trained patcher (which
+    loads the model through ComfyUI's model management), then the model loaded back for training."""
+
+    every = 1
+
+    def __init__(self):
+        self.latents = []
+
+    def on_step(self, trainer):
+        generator = torch.Generator().manual_seed(7)
+        context = torch.randn(1, 8, FLUX_TEXT.context_dim, generator=generator)
+        positive = [[context, {"pooled_output": torch.randn(1, FLUX_TEXT.pooled_dim, generator=generator),
+                               "guidance": 3.5}]]
+        empty = torch.zeros(1, 16, 16, 16)
+        noise = comfy.sample.prepare_noise(empty, 3)
+        self.latents.append(comfy.sample.sample(trainer.patcher, noise, 2, 1.0, "euler", "simple", positive,
+                                                positive, empty, seed=3, disable_pbar=True))
+        trainer.reload_model()
+        return []
+
+
+def test_previews_during_a_swapped_run_equal_those_of_an_unswapped_one():
+    results = {}
+    for swap in (0, 3):
+        patcher = deep_flux()
+        hook = PreviewHook()
+        trainer = Trainer(patcher, fixed_samples(patcher), LoraConfig(rank=4),
+                          train_config(steps=3, gradient_checkpointing=True, blocks_to_swap=swap))
+        with TrainingJob(trainer, [hook]) as job:
+            losses = [e.data["loss"] for e in job.events() if e.kind == "step"]
+        job.result()
+        results[swap] = (losses, hook.latents)
+    assert results[3][0] == results[0][0]
+    assert len(results[3][1]) == 2
+    assert all(torch.equal(a, b) for a, b in zip(results[3][1], results[0][1], strict=True))
+
+
+def test_a_swapped_run_starts_from_a_model_comfyui_loaded_partially_and_leaves_it_unloaded():
+    reference = run_collecting_losses(Trainer(deep_flux(), fixed_samples(deep_flux()), LoraConfig(rank=4),
+                                              train_config(steps=2, gradient_checkpointing=True)))
+    patcher = deep_flux()
+    comfy.model_management.load_models_gpu([patcher])
+    # ComfyUI's lowvram state, as after a generation on a card too small for the model: layers cast
+    # their weights at each call, the model marked as partially loaded.
+    patcher.partially_unload(patcher.offload_device, memory_to_free=patcher.model_size() // 2)
+    assert patcher.model.model_lowvram
+    assert any(getattr(m, "comfy_cast_weights", False) for m in patcher.model.diffusion_model.modules())
+    config = train_config(steps=2, gradient_checkpointing=True, blocks_to_swap=3)
+    trainer = Trainer(patcher, fixed_samples(patcher), LoraConfig(rank=4), config)
+    assert run_collecting_losses(trainer) == reference
+    assert not patcher.model.model_lowvram and patcher.model.model_loaded_weight_memory == 0
+    assert not any(hasattr(m, "prev_comfy_cast_weights") for m in patcher.model.diffusion_model.modules())
+
+
+def test_compiled_swapped_blocks_train_like_eager_ones_and_compile_once(monkeypatch):
+    """Each visit gives a swapped block fresh tensors: compiled code must take them without compiling
+    again (dynamo guards on the tensors' shapes and devices, not on which objects they are)."""
+    # ComfyUI's CPU attention reads the free memory at every call, which compiled code takes as a
+    # constant (test_engine.py): a steady reading, so that only the swap could make it compile again.
+    steady = torch._dynamo.disable(lambda dev=None, torch_free_too=False: (16 << 30, 16 << 30) if torch_free_too
+                                   else 16 << 30)
+    monkeypatch.setattr(comfy.model_management, "get_free_memory", steady)
+    patcher = MODEL_FACTORIES["flux_dev"]()
+    results = {}
+    for mode in ("off", "on"):
+        frames, losses = [], []
+
+        def count_frames(trainer, reports, frames=frames, losses=losses):
+            losses.extend(r.loss for r in reports)
+            frames.append(torch._dynamo.utils.counters["frames"]["total"])
+
+        trainer = Trainer(patcher, fixed_samples(patcher, 2), LoraConfig(rank=4),
+                          train_config(steps=3, gradient_checkpointing=True, blocks_to_swap=1, compile_blocks=mode))
+        trainer.run(count_frames)
+        results[mode] = (losses, frames)
+    torch.testing.assert_close(torch.tensor(results["on"][0]), torch.tensor(results["off"][0]), rtol=1e-4, atol=1e-5)
+    # The first step compiles; the steps after it, whose swapped block comes with new tensors, do not.
+    frames = results["on"][1]
+    assert frames[0] > 0 and frames[0] == frames[1] == frames[2]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """test_cli's files: tiny SD3 (2 joint blocks), CLIP-L and VAE files, and a captioned dataset."""
+    root = tmp_path_factory.mktemp("blockswap_files")
+    graph_data.write_sd3_loader_files(root / "models")
+    graph_data.write_dataset(root / "data")
+    return root
+
+
+def test_lora_train_reads_blocks_to_swap_as_a_count_or_auto_and_trains_with_it(files, tmp_path, caplog, capsys):
+    config = short_form(files)
+    config["train"].update(gradient_checkpointing=True, blocks_to_swap="auto")
+    path = write(tmp_path / "auto", config)
+    assert cli.main(["--print-config", str(path)]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["train"]["blocks_to_swap"] == -1
+
+    config["train"]["blocks_to_swap"] = "many"
+    path = write(tmp_path / "many", config)
+    assert cli.main(["train", str(path), "--cpu"]) == cli.EXIT_CONFIG
+    assert (f"config.yaml:{line_of(path, 'blocks_to_swap:')}: train.blocks_to_swap: expected an integer >= 0 or "
+            "'auto', got 'many'") in caplog.text
+
+    config["train"].update(blocks_to_swap=1, gradient_checkpointing=False)
+    path = write(tmp_path / "no_checkpointing", config)
+    assert cli.main(["train", str(path), "--cpu"]) == cli.EXIT_CONFIG
+    assert (f"config.yaml:{line_of(path, 'blocks_to_swap:')}: train.blocks_to_swap: needs gradient_checkpointing "
+            "on") in caplog.text
+
+    caplog.clear()
+    config["train"]["gradient_checkpointing"] = True
+    path = write(tmp_path / "swapped", config)
+    with caplog.at_level(logging.INFO):
+        assert cli.main(["train", str(path), "--cpu"]) == 0
+    assert "block swap: 1 of 2 blocks" in caplog.text
+    assert list((tmp_path / "swapped" / "out" / "tiny").glob("tiny.safetensors"))

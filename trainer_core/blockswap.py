@@ -1,0 +1,354 @@
+"""Block swap: frozen base blocks kept in host memory and copied to the training device just ahead of use.
+
+A model whose weights do not fit the card beside a step's activations trains with some of its blocks
+(Flux's double and single blocks, SD3's joint blocks, SDXL's ResBlocks and transformer blocks) stored
+off the card. Each swapped block comes to the card only for its computation: in the forward, in its
+checkpoint's recompute during backward, and in previews. Its copy starts on a side CUDA stream when the
+block before it (in the direction the model runs: forward, or backward for recomputes) starts, so the
+copy overlaps that block's compute, and it is let go as soon as the block returns.
+
+Residency is per tensor slot: while a block is away, each of its parameters and buffers is a placeholder
+on the meta device (anything that uses it by mistake fails loudly); while it computes, the slot holds a
+fresh tensor on the training device, copied from the stored one. A fresh object per visit matters: the
+checkpoint's recompute saves the weights it used for the block's backward, and those must stay valid
+after the slot is emptied (the memory goes back to PyTorch's allocator once that backward has used it;
+`record_stream` keeps the allocator from handing it out while the compute stream may still read it).
+
+ComfyUI's model management never sees a swapped block: for the run each one is replaced in its parent
+by a stand-in without parameters that calls it. ComfyUI's loader moves the rest of the model to the card
+(fully), and its partial unloads and reloads around previews leave the swapped blocks alone. At the end
+the blocks and their own tensors are put back and ComfyUI unloads the model, so the next generation
+loads it as it would have before the run.
+
+Swapping needs per-block checkpointing: without it autograd would keep every block's weights for the
+backward, on the card, which is what swapping avoids. CUDA graphs cannot follow host copies (a graph
+replays the device addresses it recorded), so a swapped run steps eagerly.
+"""
+
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+# Blocks on the card at once among the swapped ones: the one computing and the next one arriving.
+RESIDENT_WINDOW = 2
+# Bytes per LoRA parameter beside the fp32 weight and its fp32 gradient, by optimizer: AdamW's two fp32
+# moments, AdamW8bit's two 8-bit ones, Adafactor's factored second moment (at most one fp32 per
+# element), Prodigy's four fp32 states.
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "adafactor": 4, "prodigy": 16}
+# Activation memory of a step, in hidden states (batch x tokens x width in the compute dtype): each
+# checkpointed block keeps its input (one hidden state), and one block at a time holds its recomputed
+# activations and their gradients (attention, the MLP's 4x expansion, norms: about 24).
+SAVED_PER_BLOCK = 1
+WORKING_HIDDEN_STATES = 24
+# What the estimate leaves unplanned: the allocator's fragmentation, kernel workspaces, the noise and
+# batch tensors. A fixed part and a share of the card.
+MARGIN_BYTES = 512 << 20
+MARGIN_SHARE = 0.05
+
+
+def swapped_indices(block_count: int, swap_count: int) -> list[int]:
+    """Which of `block_count` blocks (in the order they run) are swapped: `swap_count` spread evenly,
+    so that each copy has the compute of the unswapped blocks before it to hide behind. The first
+    block always stays on the card (its start begins the first copy), the last one unless all but the
+    first are swapped (its recompute begins the first copy of the backward)."""
+    if swap_count >= block_count:
+        return list(range(block_count))
+    return [(k + 1) * block_count // (swap_count + 1) for k in range(swap_count)]
+
+
+def tensor_bytes(module: nn.Module) -> int:
+    """Bytes of a module's parameters and buffers as stored (fp8 weights: one byte each)."""
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """What a step needs on the training device, apart from the blocks (bytes)."""
+
+    rest_of_model: int  # parameters and buffers outside the blocks
+    lora: int  # LoRA weights, gradients and optimizer state
+    activations: int
+    available: int  # the device's free memory for the run
+
+    @property
+    def fixed(self) -> int:
+        return self.rest_of_model + self.lora + self.activations
+
+    @property
+    def margin(self) -> int:
+        return MARGIN_BYTES + int(MARGIN_SHARE * self.available)
+
+
+def bytes_on_device(block_bytes: Sequence[int], swap_count: int, estimate: MemoryEstimate) -> int:
+    """Peak memory of a step with `swap_count` blocks swapped: what stays, the resident blocks, and the
+    swapped blocks that are on the card at once."""
+    swapped = swapped_indices(len(block_bytes), swap_count)
+    staying = sum(b for i, b in enumerate(block_bytes) if i not in swapped)
+    visiting = sum(sorted((block_bytes[i] for i in swapped), reverse=True)[:RESIDENT_WINDOW])
+    return estimate.fixed + staying + visiting
+
+
+def fewest_blocks_that_fit(block_bytes: Sequence[int], estimate: MemoryEstimate) -> int:
+    """The smallest number of blocks to swap for the step to fit `estimate.available` less the margin;
+    all of them when nothing fits (the run then tries with every block swapped)."""
+    budget = estimate.available - estimate.margin
+    for count in range(len(block_bytes) + 1):
+        if bytes_on_device(block_bytes, count, estimate) <= budget:
+            return count
+    return len(block_bytes)
+
+
+def chosen_swap_count(block_bytes: Sequence[int], estimate: MemoryEstimate, batch: str) -> int:
+    """`fewest_blocks_that_fit`, with the sums behind it in the log (`batch`: what the activations are for)."""
+    count = fewest_blocks_that_fit(block_bytes, estimate)
+    gib = 2**30
+    needed = bytes_on_device(block_bytes, count, estimate) + estimate.margin
+    log.info("block swap (auto): %d of %d blocks; a step needs about %.2f GiB of the %.2f GiB free (rest of the "
+             "model %.2f, LoRA and optimizer %.2f, activations at %s %.2f, margin %.2f, blocks on the card %.2f)",
+             count, len(block_bytes), needed / gib, estimate.available / gib, estimate.rest_of_model / gib,
+             estimate.lora / gib, batch, estimate.activations / gib, estimate.margin / gib,
+             (needed - estimate.fixed - estimate.margin) / gib)
+    if needed > estimate.available:
+        log.warning("block swap (auto): even with every block swapped the estimate exceeds the free memory; the run "
+                    "tries anyway")
+    return count
+
+
+def activation_bytes(batch: int, image_tokens: int, text_tokens: int, width: int, compute_bytes: int,
+                     block_count: int, largest_block_parameters: int, weights_cast: bool) -> int:
+    """Estimated activation memory of one checkpointed training step (see SAVED_PER_BLOCK). Weights
+    stored in another dtype than the compute one (fp8) are cast layer by layer, and a block's backward
+    keeps its cast weights: one block's parameters in the compute dtype on top."""
+    hidden_state = batch * (image_tokens + text_tokens) * width * compute_bytes
+    cast = largest_block_parameters * compute_bytes if weights_cast else 0
+    return (SAVED_PER_BLOCK * block_count + WORKING_HIDDEN_STATES) * hidden_state + cast
+
+
+def block_width(block: nn.Module) -> int:
+    """The width of the hidden state a block works on: its first linear layer's input features."""
+    linear = next((m for m in block.modules() if isinstance(m, nn.Linear)), None)
+    return linear.in_features if linear is not None else 0
+
+
+def estimate_step(diffusion_model: nn.Module, blocks: Sequence[nn.Module], lora_parameters: int, optimizer: str,
+                  batch_shape: Sequence[int], text_tokens: int, compute_dtype: torch.dtype,
+                  available: int) -> MemoryEstimate:
+    """The memory a training step needs besides the blocks, at the run's largest batch (B, C, H, W):
+    image tokens are the latent's patches (the DiTs' `patch_size`; 1 for SDXL's UNet, whose first
+    level works on every latent pixel)."""
+    batch, _, height, width = batch_shape
+    patch = getattr(diffusion_model, "patch_size", 1) or 1
+    compute_bytes = torch.empty((), dtype=compute_dtype).element_size()
+    stored = {t.dtype for b in blocks for t in b.parameters()}
+    activations = activation_bytes(
+        batch, (height // patch) * (width // patch), text_tokens, max(map(block_width, blocks)), compute_bytes,
+        len(blocks), max(sum(p.numel() for p in b.parameters()) for b in blocks), stored != {compute_dtype})
+    lora = lora_parameters * (4 + 4 + OPTIMIZER_STATE_BYTES[optimizer])
+    rest = tensor_bytes(diffusion_model) - sum(map(tensor_bytes, blocks))
+    return MemoryEstimate(rest_of_model=rest, lora=lora, activations=activations, available=available)
+
+
+class _StandIn(nn.Module):
+    """Takes a swapped block's place in its parent for the run: no parameters of its own for ComfyUI's
+    loader to move, and every call and attribute read passed to the block. Made by `_stand_in_for`."""
+
+    def forward(self, *args, **kwargs):
+        return self.__dict__["swapped_block"](*args, **kwargs)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["swapped_block"], name)
+
+
+_STAND_IN_CLASSES: dict[type, type] = {}
+
+
+def _stand_in_for(block: nn.Module) -> _StandIn:
+    """A stand-in that is also an instance of the block's class: parents dispatch on it (SDXL's
+    TimestepEmbedSequential passes the timestep embedding only to `TimestepBlock`s)."""
+    kind = type(block)
+    if kind not in _STAND_IN_CLASSES:
+        _STAND_IN_CLASSES[kind] = type(f"SwappedOut{kind.__name__}", (_StandIn, kind), {})
+    stand_in = nn.Module.__new__(_STAND_IN_CLASSES[kind])
+    # The block's class is not initialised: the stand-in has no state but the block it calls.
+    nn.Module.__init__(stand_in)
+    # In __dict__, not _modules: the block must not be part of the module tree.
+    stand_in.__dict__["swapped_block"] = block
+    return stand_in
+
+
+class _Slot:
+    """One parameter or buffer of a swapped block: where it lives in its module, its own tensor (put
+    back at the end), the stored copy that visits are made from, and the placeholder for while away."""
+
+    def __init__(self, owner: nn.Module, name: str, is_parameter: bool, original: torch.Tensor, stored: torch.Tensor):
+        self.owner, self.name, self.is_parameter = owner, name, is_parameter
+        self.original = original
+        self.stored = stored
+        self.away = self._wrap(torch.empty_like(stored, device="meta"))
+
+    def _wrap(self, tensor: torch.Tensor) -> torch.Tensor:
+        return nn.Parameter(tensor, requires_grad=False) if self.is_parameter else tensor
+
+    def put(self, tensor: torch.Tensor) -> None:
+        table = self.owner._parameters if self.is_parameter else self.owner._buffers
+        table[self.name] = tensor
+
+    def visit(self, tensor: torch.Tensor) -> None:
+        self.put(self._wrap(tensor))
+
+    def leave(self) -> None:
+        self.put(self.away)
+
+
+# (block, tensor's dotted name inside it, the tensor) -> the value to train with instead, or None for its own.
+Replacement = Callable[[nn.Module, str, torch.Tensor], torch.Tensor | None]
+
+
+def _slots_of(block: nn.Module, store: Callable[[torch.Tensor], torch.Tensor], replaced: Replacement) -> list[_Slot]:
+    slots = []
+    for path, owner in block.named_modules():
+        for table, is_parameter in ((owner._parameters, True), (owner._buffers, False)):
+            for name, tensor in table.items():
+                if tensor is not None:
+                    value = replaced(block, f"{path}.{name}" if path else name, tensor)
+                    stored = store(tensor.data if value is None else value)
+                    slots.append(_Slot(owner, name, is_parameter, tensor, stored))
+    return slots
+
+
+def _store_for(device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """How a block's tensors are kept while away: in pinned host memory for a CUDA device (copies from
+    it can run asynchronously), else the tensor as it is (the CPU tests, where both devices are the CPU)."""
+    if device.type == "cuda":
+        return lambda tensor: tensor.to("cpu").pin_memory()
+    return lambda tensor: tensor
+
+
+class BlockSwapper:
+    """Swaps `blocks[i]` for each i in `swapped` between a stored copy and `device`, around each call.
+
+    `blocks` are all the model's checkpointed blocks in the order they run: each one's start triggers
+    the copy of the next swapped block in the direction the model runs. `wrap(block, forward)` gives
+    the forward that does this; checkpointing.wrapped_blocks places it inside each block's checkpoint,
+    so recomputes in backward are covered too.
+    """
+
+    def __init__(self, blocks: Sequence[nn.Module], swapped: Sequence[int], device: torch.device):
+        self.blocks = list(blocks)
+        self.swapped = sorted(swapped)
+        self.device = device
+        self._index = {id(block): i for i, block in enumerate(self.blocks)}
+        self._slots: dict[int, list[_Slot]] = {}
+        # Swapped blocks on the device or on their way: index -> (tensors, event the copy records).
+        self._present: dict[int, tuple[list[torch.Tensor], torch.cuda.Event | None]] = {}
+        self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._stand_ins: list[tuple[nn.Module, str, nn.Module]] = []
+
+    @property
+    def swapped_bytes(self) -> int:
+        return sum(tensor_bytes(self.blocks[i]) for i in self.swapped)
+
+    @contextlib.contextmanager
+    def installed(self, model: nn.Module, replaced: Replacement = lambda block, name, tensor: None):
+        """Stores the swapped blocks away and hides them from `model`'s module tree for the duration;
+        puts back every block, tensor and module exactly as they were on exit, also on error.
+        `replaced` gives a value to train with in place of a tensor's own (a weight with the patches of
+        a LoRA loaded before training); the tensor itself is put back afterwards."""
+        parents = {id(child): (parent, name) for parent in model.modules() for name, child in parent._modules.items()
+                   if child is not None}
+        store = _store_for(self.device)
+        try:
+            for index in self.swapped:
+                block = self.blocks[index]
+                slots = _slots_of(block, store, replaced)
+                self._slots[index] = slots
+                for slot in slots:
+                    slot.leave()
+                parent, name = parents[id(block)]
+                parent._modules[name] = _stand_in_for(block)
+                self._stand_ins.append((parent, name, block))
+            yield self
+        finally:
+            self._synchronize()
+            self._present.clear()
+            for parent, name, block in reversed(self._stand_ins):
+                parent._modules[name] = block
+            self._stand_ins.clear()
+            for slots in self._slots.values():
+                for slot in slots:
+                    slot.put(slot.original)
+            self._slots.clear()
+
+    def wrap(self, block: nn.Module, forward: Callable) -> Callable:
+        index = self._index[id(block)]
+
+        def swapping_forward(*args, **kwargs):
+            backward = torch._C._current_graph_task_id() != -1
+            if index in self._slots:
+                self._arrive(index)
+            self._prefetch_after(index, -1 if backward else 1)
+            try:
+                return forward(*args, **kwargs)
+            finally:
+                if index in self._slots:
+                    self._leave(index)
+
+        return swapping_forward
+
+    # -- moving blocks -------------------------------------------------------------------------------
+
+    def _prefetch_after(self, index: int, direction: int) -> None:
+        """Starts the copy of the next swapped block after `index` in `direction`, and drops a copy made
+        ahead for another block (the model ran in another order than expected)."""
+        ahead = [i for i in self.swapped if (i - index) * direction > 0]
+        following = min(ahead, key=lambda i: abs(i - index)) if ahead else None
+        for other in [i for i in self._present if i not in (index, following)]:
+            self._leave(other)
+        if following is not None and following not in self._present:
+            self._present[following] = self._copy(following)
+
+    def _copy(self, index: int) -> tuple[list[torch.Tensor], torch.cuda.Event | None]:
+        slots = self._slots[index]
+        if self._copy_stream is None:
+            return [slot.stored.to(self.device, copy=True) for slot in slots], None
+        with torch.cuda.stream(self._copy_stream):
+            # Allocated on the copy stream; each tensor is marked as used by the compute stream when it
+            # arrives, so the allocator reuses its memory only after that stream is done with it.
+            tensors = [torch.empty_like(slot.stored, device=self.device) for slot in slots]
+            for tensor, slot in zip(tensors, slots, strict=True):
+                tensor.copy_(slot.stored, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self._copy_stream)
+        return tensors, event
+
+    def _arrive(self, index: int) -> None:
+        if index not in self._present:
+            self._present[index] = self._copy(index)
+        tensors, event = self._present[index]
+        if event is not None:
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_event(event)
+            for tensor in tensors:
+                tensor.record_stream(compute)
+        for slot, tensor in zip(self._slots[index], tensors, strict=True):
+            slot.visit(tensor)
+
+    def _leave(self, index: int) -> None:
+        # The tensors go with the slots' references; allocated on the copy stream, their memory is
+        # reused there in order, and elsewhere after the compute stream's recorded use.
+        del self._present[index]
+        for slot in self._slots[index]:
+            slot.leave()
+
+    def _synchronize(self) -> None:
+        if self._copy_stream is not None:
+            self._copy_stream.synchronize()
