@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 from yaml.constructor import SafeConstructor
 
-from .config import MAX_LEARNING_RATE, MAX_STEPS, OPTIMIZERS, SAVE_FORMATS, SCHEDULES, ConfigError
+from .config import ALGORITHMS, MAX_LEARNING_RATE, MAX_STEPS, OPTIMIZERS, SAVE_FORMATS, SCHEDULES, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,10 @@ MODEL = {
     "text_encoder_paths": Key("files", []),
 }
 NETWORK = {
-    "type": Key("str", "lora", ("lora",)),
+    # ai-toolkit's names; LoCon is `lora` with a conv target preset here.
+    "type": Key("str", "lora", ALGORITHMS),
+    "lokr_factor": Key("int", -1),
+    "lokr_full_rank": Key("bool", False),
     "linear": Key("int", 16),
     "linear_alpha": Key("float", 16.0),
     "dropout": Key("float", 0.0),
