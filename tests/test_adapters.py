@@ -190,6 +190,24 @@ def test_each_layer_adds_the_delta_of_its_merged_weight(kind, algorithm):
         assert relative_error(actual, expected) < 1e-5
 
 
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_a_disabled_network_gives_the_base_output_exactly(algorithm):
+    """`LoraNetwork.disabled()` (differential output preservation's base prediction) turns DoRA's input
+    scaling off too, not only the added deltas."""
+    base = nn.Linear(64, 96)
+    layer = lora_layer_for(base, lora_config(algorithm))
+    network = LoraNetwork({"layer": layer})
+    moved_off_init(network)
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad(), network.attached(nn.ModuleDict({"layer": base})):
+        with network.disabled():
+            off = base(x)
+        on = base(x)
+    with torch.no_grad():
+        assert torch.equal(off, base(x))
+        assert relative_error(on, off) > 1e-3
+
+
 def test_dora_trains_on_fp8_stored_weights_through_comfyuis_cast():
     """The base weight is read as ComfyUI's op casts it for the input; its norms are of that weight."""
     base = comfy.ops.manual_cast.Linear(64, 32, dtype=torch.float8_e4m3fn)
