@@ -31,7 +31,9 @@ the same code on the CPU with tiny models at 64², to check the script anywhere.
 import argparse
 import contextlib
 import datetime
+import functools
 import gc
+import itertools
 import json
 import math
 import statistics
@@ -88,6 +90,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--blocks-to-swap", type=int, default=0, metavar="N",
                         help="ours: TrainConfig.blocks_to_swap (-1: auto); the model is then built in host memory "
                              "and loaded by the trainer, so that the swapped blocks stay off the card")
+    parser.add_argument("--algorithm", default="lora",
+                        help="ours: comma list of lora, loha, lokr, dora (LoraConfig.algorithm), one row each; "
+                             "ComfyUI's TrainLoraNode runs once per model and variant, with LoRA")
     parser.add_argument("--profile", type=Path, help="profile two steps of ours after the warm-up; tables go here")
     args = parser.parse_args(argv)
     defaults = (3, 1, 64) if args.smoke else (8, 3, 1024)
@@ -172,7 +177,7 @@ def forward_flops(family, samples, batch_size: int, device) -> float:
     return float(counter.get_total_flops())
 
 
-def run_ours(arch, variant, args, device, result: dict) -> None:
+def run_ours(arch, variant, args, device, result: dict, algorithm: str = "lora") -> None:
     import torch
     from architectures import build, random_dataset
 
@@ -199,7 +204,7 @@ def run_ours(arch, variant, args, device, result: dict) -> None:
     ]
     if args.freeze_base:
         patcher.model.diffusion_model.requires_grad_(False)
-    trainer = Trainer(patcher, samples, LoraConfig(rank=LORA_RANK, alpha=LORA_RANK), config)
+    trainer = Trainer(patcher, samples, LoraConfig(rank=LORA_RANK, alpha=LORA_RANK, algorithm=algorithm), config)
     if args.blocks_to_swap:
         # The model is in host memory until the trainer loads it: a bare forward here would run on the CPU.
         print("      forward FLOPs not counted (block swap)", flush=True)
@@ -381,7 +386,7 @@ def percent(value) -> str:
 
 
 def print_table(rows: list[dict], rate: float) -> None:
-    header = (f"{'model':<13} {'variant':<7} {'ours s/step':>11} {'GiB':>6} {'MFU':>6} "
+    header = (f"{'model':<13} {'variant':<7} {'algo':<5} {'ours s/step':>11} {'GiB':>6} {'MFU':>6} "
               f"{'theirs s/step':>13} {'GiB':>6} {'MFU':>6} {'ours/theirs':>11}  fwd TFLOP")
     print("\n" + header)
     print("-" * len(header))
@@ -396,7 +401,8 @@ def print_table(rows: list[dict], rate: float) -> None:
             return 3 * flops / result["median_s"] / rate * 100
 
         ratio = ours["median_s"] / theirs["median_s"] if "median_s" in ours and "median_s" in theirs else None
-        print(f"{row['label']:<13} {row['variant']:<7} {fmt(ours.get('median_s'), '11.3f', 'ERR'):>11} "
+        print(f"{row['label']:<13} {row['variant']:<7} {row['algorithm']:<5} "
+              f"{fmt(ours.get('median_s'), '11.3f', 'ERR'):>11} "
               f"{fmt(ours.get('peak_gib'), '6.1f'):>6} {percent(mfu(ours)):>6} "
               f"{fmt(theirs.get('median_s'), '13.3f', 'ERR' if 'error' in theirs else '-'):>13} "
               f"{fmt(theirs.get('peak_gib'), '6.1f'):>6} {percent(mfu(theirs)):>6} "
@@ -420,6 +426,7 @@ def main(argv=None) -> int:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from trainer_core.attention import cudnn_attention_fault, kernel_order
+    from trainer_core.config import ALGORITHMS
 
     device = comfy.model_management.get_torch_device()
     if not args.smoke and device.type != "cuda":
@@ -431,6 +438,9 @@ def main(argv=None) -> int:
     if unknown:
         sys.exit(f"unknown model or variant: {', '.join(unknown)}")
     plan = [(m, v) for m, v in architectures.PLAN if m in models and v in variants]
+    algorithms = args.algorithm.split(",")
+    if set(algorithms) - set(ALGORITHMS):
+        sys.exit(f"unknown algorithm: {', '.join(sorted(set(algorithms) - set(ALGORITHMS)))}")
 
     started = time.perf_counter()
     rate = matmul_rate(device, 256 if args.smoke else 8192)
@@ -460,18 +470,21 @@ def main(argv=None) -> int:
     print("preflight, our Trainer on tiny models as ComfyUI's loaders leave them: "
           + ", ".join(f"{k} {v}" for k, v in header["preflight_loader_state"].items()), flush=True)
 
-    runs = [("ours", run_ours)] + ([] if args.skip_baseline else [("theirs", run_theirs)])
     rows = []
-    for model_key, variant_key in plan:
+    for (model_key, variant_key), algorithm in itertools.product(plan, algorithms):
         arch, variant = archs[model_key], architectures.VARIANTS[variant_key]
-        row = {"model": model_key, "label": arch.label, "variant": variant_key}
+        row = {"model": model_key, "label": arch.label, "variant": variant_key, "algorithm": algorithm}
         rows.append(row)
+        # The baseline (ComfyUI's LoRA) once per model and variant, beside the first algorithm's row.
+        baseline = not args.skip_baseline and algorithm == algorithms[0]
+        runs = [("ours", functools.partial(run_ours, algorithm=algorithm))] + ([("theirs", run_theirs)] if baseline
+                                                                              else [])
         for side, run in runs:
             elapsed = time.perf_counter() - started
             if elapsed > args.time_limit:
                 row[side] = {"error": f"skipped: {elapsed:.0f} s past, over --time-limit"}
                 continue
-            print(f"  {arch.label} {variant_key} {side} (t={elapsed:.0f} s)", flush=True)
+            print(f"  {arch.label} {variant_key} {algorithm} {side} (t={elapsed:.0f} s)", flush=True)
             with guard():
                 row[side] = attempt(run, arch, variant, args, device)
             left = release(device)

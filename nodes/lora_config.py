@@ -1,6 +1,6 @@
 from comfy_api.latest import io
 
-from ..trainer_core.config import TARGET_PRESETS, LoraConfig
+from ..trainer_core.config import ALGORITHMS, TARGET_PRESETS, LoraConfig
 from .compat import ADVANCED
 
 CATEGORY = "LoRA Trainer"
@@ -13,7 +13,7 @@ class LoraConfigNode(io.ComfyNode):
             node_id="LoraTrainer_LoraConfig",
             display_name="LoRA Config",
             category=CATEGORY,
-            description="Shape of the LoRA to train: rank, alpha, dropout and which layers it adapts.",
+            description="Shape of the LoRA to train: algorithm, rank, alpha, dropout and which layers it adapts.",
             inputs=[
                 io.Int.Input("rank", default=16, min=1, max=256, tooltip="Rank of the LoRA matrices."),
                 io.Float.Input(
@@ -37,15 +37,35 @@ class LoraConfigNode(io.ComfyNode):
                     "exclude", default="", tooltip="Comma-separated regular expressions; matching layers are dropped.",
                     **ADVANCED,
                 ),
+                # Appended and optional: saved workflows (widget values by position, API graphs without
+                # these names) load as before, as plain LoRA.
+                io.Combo.Input(
+                    "algorithm", options=list(ALGORITHMS), default="lora", optional=True,
+                    tooltip="lora: low-rank pair (LoCon with the conv preset); loha: Hadamard product of two pairs; "
+                            "lokr: Kronecker product (lokr_factor); dora: LoRA plus a learned magnitude per column.",
+                ),
+                io.Int.Input(
+                    "lokr_factor", default=-1, min=-1, max=1024, optional=True,
+                    tooltip="LoKr only: size of the small Kronecker factor; -1 picks the divisor nearest the square "
+                            "root (fewest weights), larger gives a larger second factor.",
+                    **ADVANCED,
+                ),
+                io.Boolean.Input(
+                    "lokr_full_rank", default=False, optional=True,
+                    tooltip="LoKr only: keep the large Kronecker factor a full matrix instead of a rank-`rank` pair.",
+                    **ADVANCED,
+                ),
             ],
             outputs=[io.Custom("LORA_CONFIG").Output(display_name="lora_config")],
         )
 
     @classmethod
-    def execute(cls, rank, alpha, dropout, targets, include, exclude) -> io.NodeOutput:
+    def execute(cls, rank, alpha, dropout, targets, include, exclude, algorithm="lora", lokr_factor=-1,
+                lokr_full_rank=False) -> io.NodeOutput:
         config = LoraConfig(
             rank=rank, alpha=alpha, dropout=dropout, targets=targets,
             include=_patterns(include), exclude=_patterns(exclude),
+            algorithm=algorithm, lokr_factor=lokr_factor, lokr_full_rank=lokr_full_rank,
         )
         return io.NodeOutput(config)
 

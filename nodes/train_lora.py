@@ -21,6 +21,7 @@ from ..trainer_core.config import (
     SCHEDULES,
     SaveConfig,
     TrainConfig,
+    check_save_format,
 )
 from ..trainer_core.data import build_samples
 from ..trainer_core.job import TrainingJob
@@ -125,6 +126,7 @@ class TrainLoraNode(io.ComfyNode):
         )
         save = SaveConfig(name=output_name.strip(), dtype=save_dtype, every=save_every, keep_last=keep_last,
                           trigger_word=dataset.trigger_word, format=save_format)
+        check_save_format(lora_config, save)
         prompts = prompt_lines(sample_prompts)
         settings = None
         if prompts:

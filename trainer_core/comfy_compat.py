@@ -6,6 +6,7 @@ import comfy.float
 import comfy.lora
 import comfy.model_management
 import comfy.model_patcher
+import comfy.ops
 import folder_paths
 import torch
 
@@ -111,3 +112,13 @@ def training_mode(enabled: bool):
         yield
     finally:
         comfy.model_management.in_training = before
+
+
+def layer_weight(module, like: torch.Tensor) -> torch.Tensor:
+    """The weight of a ComfyUI layer as its forward uses it for input `like`: cast to the input's dtype
+    and device, fp8 and quantised storage decoded, weight patches applied in low-VRAM mode, as
+    `comfy.ops.cast_bias_weight` makes it (0.3.75 returns (weight, bias); newer hosts keep that form
+    when `offloadable` is left False). Plain torch layers have their weight cast."""
+    if hasattr(module, "weight_function"):
+        return comfy.ops.cast_bias_weight(module, like)[0]
+    return module.weight.to(device=like.device, dtype=like.dtype)

@@ -27,6 +27,8 @@ SAVE_DTYPES = ("bf16", "fp16", "fp32")
 MAX_LEARNING_RATE = 10.0
 # A million steps is weeks on any card; a larger count is a typo (and overflows the ETA's arithmetic).
 MAX_STEPS = 1_000_000
+# Adapter algorithms (lora.py): plain LoRA (LoCon on convolutions), LyCORIS' LoHa and LoKr, and DoRA.
+ALGORITHMS = ("lora", "loha", "lokr", "dora")
 # Key layouts of the LoRA file: kohya's `lora_unet_*` names, or diffusers' own (diffusers_format.py).
 SAVE_FORMATS = ("comfyui", "diffusers")
 
@@ -52,9 +54,20 @@ class LoraConfig:
     targets: str = "attention+mlp"
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    algorithm: str = "lora"  # one of ALGORITHMS
+    # LoKr: each weight is kron(w1, w2); `lokr_factor` is w1's side (-1: the divisor nearest the square
+    # root); `lokr_full_rank` keeps w2 a full matrix, else w2 = w2_a @ w2_b of rank `rank`.
+    lokr_factor: int = -1
+    lokr_full_rank: bool = False
 
     def __post_init__(self):
         owner = "lora"
+        _one_of(owner, "algorithm", self.algorithm, ALGORITHMS)
+        factor_ok = isinstance(self.lokr_factor, int) and (self.lokr_factor == -1 or self.lokr_factor >= 1)
+        _require(factor_ok, owner, "lokr_factor",
+                 f"must be -1 (automatic) or an integer >= 1, got {self.lokr_factor!r}")
+        _require(isinstance(self.lokr_full_rank, bool), owner, "lokr_full_rank",
+                 f"must be true or false, got {self.lokr_full_rank!r}")
         rank_ok = isinstance(self.rank, int) and self.rank >= 1
         _require(rank_ok, owner, "rank", f"must be an integer >= 1, got {self.rank!r}")
         _require(self.alpha > 0, owner, "alpha", f"must be > 0, got {self.alpha!r}")
@@ -200,3 +213,12 @@ class SaveConfig:
         for name in ("every", "keep_last"):
             value = getattr(self, name)
             _require(isinstance(value, int) and value >= 0, owner, name, f"must be an integer >= 0, got {value!r}")
+
+
+def check_save_format(lora: LoraConfig, save: SaveConfig) -> None:
+    """Refuses, before a run starts, a file format that cannot hold the LoRA's algorithm: diffusers' key
+    layout has names for plain LoRA weights only."""
+    if save.format == "diffusers" and lora.algorithm != "lora":
+        raise ConfigError(f"save.format: 'diffusers' holds plain LoRA only, and lora.algorithm is "
+                          f"{lora.algorithm!r}: set save.format to 'comfyui' (ComfyUI's LoRA Loader reads it) "
+                          "or lora.algorithm to 'lora'")

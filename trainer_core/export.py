@@ -25,7 +25,7 @@ import secrets
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from . import comfy_compat, diffusers_format
-from .config import DatasetFacts, LoraConfig, SaveConfig, TrainConfig
+from .config import DatasetFacts, LoraConfig, SaveConfig, TrainConfig, check_save_format
 from .families.base import Family
 from .job import Event, JobHook
 from .lora import LoraNetwork, lora_layer_for
@@ -68,7 +68,8 @@ def kohya_name(module_path: str) -> str:
 
 
 def lora_state_dict(network: LoraNetwork, dtype: str = "fp32") -> dict[str, torch.Tensor]:
-    """The network in kohya's key layout, on the CPU, weights in `dtype` ("fp16", "bf16", "fp32").
+    """The network in kohya's key layout (LyCORIS' suffixes for LoHa, LoKr and DoRA), on the CPU, weights
+    in `dtype` ("fp16", "bf16", "fp32").
 
     Tensors are copies: a consumer that keeps them (ComfyUI's patches) does not follow further training.
     """
@@ -79,8 +80,8 @@ def lora_state_dict(network: LoraNetwork, dtype: str = "fp32") -> dict[str, torc
         name = kohya_name(path)
         if f"{name}.alpha" in tensors:
             raise ValueError(f"two layers, one of them {path!r}, have the same LoRA key {name!r}")
-        tensors[f"{name}.lora_down.weight"] = layer.down.detach().to("cpu", DTYPES[dtype], copy=True).contiguous()
-        tensors[f"{name}.lora_up.weight"] = layer.up.detach().to("cpu", DTYPES[dtype], copy=True).contiguous()
+        for suffix, tensor in layer.file_tensors().items():
+            tensors[f"{name}.{suffix}"] = tensor.to("cpu", DTYPES[dtype], copy=True).contiguous()
         # fp32 whatever the weights' dtype: alpha / rank is the scale, and bf16 would round e.g. 0.3.
         tensors[f"{name}.alpha"] = torch.tensor(layer.alpha, dtype=torch.float32)
     return tensors
@@ -94,6 +95,7 @@ def all_finite(network: LoraNetwork) -> bool:
 def lora_file_tensors(trainer: Trainer, save: SaveConfig) -> dict[str, torch.Tensor]:
     """The trained network in the key layout `save.format` names."""
     if save.format == "diffusers":
+        check_save_format(trainer.lora_config, save)  # the nodes and lora-train check it before training
         return diffusers_format.lora_state_dict(trainer.network, trainer.family, DTYPES[save.dtype])
     return lora_state_dict(trainer.network, save.dtype)
 
@@ -116,8 +118,7 @@ def lora_metadata(
             "ss_resolution": str((side, side)),
             "modelspec.resolution": f"{side}x{side}",
         }
-    return data | {
-        "ss_network_module": "networks.lora",
+    return data | network_metadata(lora) | {
         "ss_network_dim": str(lora.rank),
         "ss_network_alpha": str(float(lora.alpha)),
         "ss_base_model_version": family.base_model_version,
@@ -132,6 +133,20 @@ def lora_metadata(
         # `extra` may hold values JSON lacks; their text is enough for a record.
         "ss_training_config": json.dumps(training_config, sort_keys=True, default=str),
     }
+
+
+def network_metadata(lora: LoraConfig) -> dict[str, str]:
+    """kohya's `ss_network_module` and, for LyCORIS' algorithms, `ss_network_args` (JSON of strings, as
+    kohya writes them): what LoRA managers read to tell the algorithm, and `load_lora_file` to rebuild it."""
+    if lora.algorithm == "lora":
+        return {"ss_network_module": "networks.lora"}
+    args = {"algo": lora.algorithm}
+    if lora.algorithm == "lokr":
+        args |= {"factor": str(lora.lokr_factor), "full_matrix": str(lora.lokr_full_rank)}
+    if lora.algorithm == "dora":
+        # LyCORIS' DoRA is LoRA with weight decomposition, here on the input axis (lora.py's _Dora).
+        args = {"algo": "lora", "dora_wd": "True", "wd_on_out": "False"}
+    return {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps(args)}
 
 
 def kohya_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, str]:
@@ -439,7 +454,8 @@ def run_settings(trainer: Trainer) -> dict:
     """What a checkpoint must match to resume into `trainer`: the weights' model and shapes, the
     optimizer's state layout and the gradient scaler's (fp16)."""
     return {"model": trainer.family.base_model_version, "rank": trainer.lora_config.rank,
-            "optimizer": trainer.config.optimizer, "precision": trainer.config.precision}
+            "algorithm": trainer.lora_config.algorithm, "optimizer": trainer.config.optimizer,
+            "precision": trainer.config.precision}
 
 
 def save_checkpoint(trainer: Trainer, save: SaveConfig, started_at: float, run_id: str) -> Path:
@@ -635,9 +651,10 @@ def _check_fits(trainer: Trainer, checkpoint: Checkpoint) -> None:
     folder = checkpoint.folder
     if checkpoint.settings is not None:
         wanted = run_settings(trainer)
-        for key, field in (("model", None), ("rank", "lora.rank"), ("optimizer", "train.optimizer"),
-                           ("precision", "train.precision")):
-            theirs, ours = checkpoint.settings.get(key), wanted[key]
+        for key, field in (("model", None), ("rank", "lora.rank"), ("algorithm", "lora.algorithm"),
+                           ("optimizer", "train.optimizer"), ("precision", "train.precision")):
+            # Checkpoints from before the algorithms were recorded are plain LoRA.
+            theirs, ours = checkpoint.settings.get(key, "lora" if key == "algorithm" else None), wanted[key]
             if theirs == ours:
                 continue
             if field is None:
@@ -764,15 +781,39 @@ class CheckpointHook(JobHook):
 # -- our LoRA files back into the engine ----------------------------------------------------------
 
 
+# Key suffixes of one layer in a file, by algorithm (the `.alpha` aside): kohya's and LyCORIS' forms.
+ALGORITHM_PARTS = {
+    "lora": ({"lora_down.weight", "lora_up.weight"},),
+    "dora": ({"lora_down.weight", "lora_up.weight", "dora_scale"},),
+    "loha": ({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"},),
+    "lokr": ({"lokr_w1", "lokr_w2"}, {"lokr_w1", "lokr_w2_a", "lokr_w2_b"}),
+}
+LAYER_PARTS = {"alpha"}.union(*(parts for forms in ALGORITHM_PARTS.values() for parts in forms))
+
+
 @dataclass
 class LayerWeights:
-    down: torch.Tensor  # (rank, in) or (rank, in, kh, kw)
-    up: torch.Tensor  # (out, rank) or (out, rank, 1, 1)
+    tensors: dict[str, torch.Tensor]  # by key suffix (`lora_down.weight`, `hada_w1_a`, ...), fp32
     alpha: float
 
     @property
-    def rank(self) -> int:
-        return self.down.shape[0]
+    def algorithm(self) -> str:
+        return next(name for name, forms in ALGORITHM_PARTS.items() if set(self.tensors) in forms)
+
+    @property
+    def down(self) -> torch.Tensor:  # (rank, in) or (rank, in, kh, kw): LoRA and DoRA
+        return self.tensors["lora_down.weight"]
+
+    @property
+    def up(self) -> torch.Tensor:  # (out, rank) or (out, rank, 1, 1): LoRA and DoRA
+        return self.tensors["lora_up.weight"]
+
+    @property
+    def rank(self) -> int | None:
+        """The rank alpha is divided by; None for a LoKr with a full w2, which ComfyUI does not scale."""
+        first = {"lora": "lora_down.weight", "dora": "lora_down.weight", "loha": "hada_w1_b", "lokr": "lokr_w2_b"}
+        tensor = self.tensors.get(first[self.algorithm])
+        return None if tensor is None else tensor.shape[0]
 
 
 @dataclass
@@ -781,25 +822,38 @@ class LoraFile:
     metadata: dict[str, str]
 
     @property
-    def rank(self) -> int:
+    def rank(self) -> int | None:
         return self._uniform("rank")
 
     @property
     def alpha(self) -> float:
         return self._uniform("alpha")
 
+    @property
+    def algorithm(self) -> str:
+        return self._uniform("algorithm")
+
     def _uniform(self, attribute: str):
         values = {getattr(layer, attribute) for layer in self.layers.values()}
+        if attribute == "rank" and len(values) > 1:
+            values.discard(None)  # full-rank LoKr layers beside low-rank ones
         if len(values) != 1:
-            raise ValueError(f"the layers of this LoRA have different {attribute}s: {sorted(values)}")
+            raise ValueError(f"the layers of this LoRA have different {attribute}s: {sorted(values, key=str)}")
         return values.pop()
 
-
-LAYER_PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
+    @property
+    def network_args(self) -> dict[str, str]:
+        """`ss_network_args` of the metadata ({} where absent or not a JSON object)."""
+        try:
+            args = json.loads(self.metadata.get("ss_network_args", "{}"))
+        except ValueError:
+            return {}
+        return args if isinstance(args, dict) else {}
 
 
 def load_lora_file(path: str | os.PathLike) -> LoraFile:
-    """Reads a kohya-style LoRA of the diffusion model (ours, or any that uses the same keys); weights as fp32."""
+    """Reads a kohya-style LoRA of the diffusion model (ours, or any that uses the same keys): LoRA, DoRA,
+    LoHa or LoKr layers; weights as fp32."""
     groups: dict[str, dict[str, torch.Tensor]] = {}
     with safetensors.safe_open(str(path), framework="pt") as file:
         metadata = file.metadata() or {}
@@ -808,43 +862,57 @@ def load_lora_file(path: str | os.PathLike) -> LoraFile:
             if not layer.startswith(LORA_PREFIX) or part not in LAYER_PARTS:
                 raise ValueError(
                     f"{path}: {key!r} is not a key of a kohya-style LoRA of the diffusion model "
-                    "(lora_unet_*.lora_down.weight / .lora_up.weight / .alpha)"
+                    "(lora_unet_*.lora_down.weight / .lora_up.weight / .alpha, with .dora_scale for DoRA; "
+                    ".hada_w1_a ... .hada_w2_b for LoHa; .lokr_w1 and .lokr_w2 or .lokr_w2_a / _b for LoKr)"
                 )
             groups.setdefault(layer, {})[part] = file.get_tensor(key)
     layers = {}
     for name, parts in groups.items():
-        if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
-            raise ValueError(f"{path}: layer {name} lacks its lora_down or lora_up weight")
-        down, up = parts["lora_down.weight"].float(), parts["lora_up.weight"].float()
+        alpha = parts.pop("alpha", None)
+        tensors = {part: tensor.float() for part, tensor in parts.items()}
+        if not any(set(tensors) in forms for forms in ALGORITHM_PARTS.values()):
+            raise ValueError(f"{path}: layer {name} has {sorted(tensors)}, which is none of LoRA's, DoRA's, LoHa's "
+                             "or LoKr's sets of weights; the file is incomplete or of another kind")
+        weights = LayerWeights(tensors, 0.0)
         # Without alpha, ComfyUI scales by 1.0, i.e. alpha = rank.
-        alpha = float(parts["alpha"]) if "alpha" in parts else float(down.shape[0])
-        layers[name] = LayerWeights(down, up, alpha)
+        weights.alpha = float(alpha) if alpha is not None else float(weights.rank or 1)
+        layers[name] = weights
     if not layers:
         raise ValueError(f"{path} holds no LoRA layers")
     return LoraFile(layers, metadata)
 
 
 def network_from_lora(lora: LoraFile, diffusion_model: nn.Module, dropout: float = 0.0) -> LoraNetwork:
-    """A LoraNetwork holding the file's weights, on the layers of `diffusion_model` they name, to
-    continue training an existing LoRA (pass it to Trainer as `network`)."""
+    """A LoraNetwork holding the file's weights, of the file's algorithm, on the layers of `diffusion_model`
+    they name, to continue training an existing LoRA (pass it to Trainer as `network`)."""
     bases = {
         kohya_name(path): (path, module) for path, module in diffusion_model.named_modules()
         if isinstance(module, (nn.Linear, nn.Conv2d))
     }
+    # LoKr's split of each dimension: the factor recorded in the metadata, else those its w1 shows.
+    recorded = lora.network_args.get("factor", "")
     layers = {}
     for name, weights in lora.layers.items():
         if name not in bases:
             raise ValueError(f"the model has no layer for {name!r}; this LoRA was made for another architecture")
         path, base = bases[name]
-        layer = lora_layer_for(base, LoraConfig(rank=weights.rank, alpha=weights.alpha, dropout=dropout))
-        for parameter, value in ((layer.down, weights.down), (layer.up, weights.up)):
-            if parameter.shape != value.shape:
-                raise ValueError(
-                    f"{name}: the file's {tuple(value.shape)} does not fit the model's layer "
-                    f"({tuple(parameter.shape)}); this LoRA was made for another model size"
-                )
-        with torch.no_grad():
-            layer.down.copy_(weights.down)
-            layer.up.copy_(weights.up)
+        config = LoraConfig(rank=weights.rank or 1, alpha=weights.alpha, dropout=dropout,
+                            algorithm=weights.algorithm, lokr_full_rank="lokr_w2" in weights.tensors)
+        factors = [-1]
+        if config.algorithm == "lokr":
+            w1 = weights.tensors["lokr_w1"].shape
+            given = [int(recorded)] if recorded.lstrip("-").isdigit() else []
+            factors = list(dict.fromkeys([*given, -1, *w1]))
+        layer = None
+        for factor in factors:
+            candidate = lora_layer_for(base, replace(config, lokr_factor=factor))
+            shapes = {suffix: shape for suffix, (_, shape) in candidate.file_parameters().items()}
+            if shapes == {suffix: tuple(t.shape) for suffix, t in weights.tensors.items()}:
+                layer = candidate
+                break
+        if layer is None:
+            # No split fits: the error names the first key whose shape differs.
+            layer = lora_layer_for(base, replace(config, lokr_factor=factors[0]))
+        layer.load_file_tensors(weights.tensors, name)
         layers[path] = layer
     return LoraNetwork(layers)

@@ -23,7 +23,7 @@ import comfy.model_management
 import torch
 
 from . import distributed, export, loading
-from .config import ConfigError, LoraConfig, SaveConfig, TrainConfig
+from .config import ConfigError, LoraConfig, SaveConfig, TrainConfig, check_save_format
 from .data import DatasetConfig, DatasetError, Datasets, build_samples
 from .families import UnsupportedModelError
 from .job import Event, OutOfMemory, TrainingFailed, TrainingJob
@@ -39,7 +39,9 @@ FLOAT8 = torch.float8_e4m3fn
 MAX_ETA_DAYS = 9999
 
 # Engine config field -> the short-form key it comes from, so the engine's own checks name the YAML line.
-LORA_KEYS = {"rank": "network.linear", "alpha": "network.linear_alpha", "dropout": "network.dropout"}
+LORA_KEYS = {"rank": "network.linear", "alpha": "network.linear_alpha", "dropout": "network.dropout",
+             "algorithm": "network.type", "lokr_factor": "network.lokr_factor",
+             "lokr_full_rank": "network.lokr_full_rank"}
 TRAIN_KEYS = {
     "steps": "train.steps", "learning_rate": "train.lr", "batch_size": "train.batch_size",
     "gradient_accumulation": "train.gradient_accumulation", "optimizer": "train.optimizer",
@@ -269,6 +271,8 @@ def train_process(config: ResolvedConfig, resume: bool, command: str, rank: int,
     train_config = build(config, TrainConfig, TRAIN_KEYS)
     save = build(config, SaveConfig, SAVE_KEYS)
     datasets = dataset_configs(config)
+    with named_in_file(config, SAVE_KEYS):
+        check_save_format(lora, save)
     # Before the models load: a missing checkpoint should not cost their loading time.
     checkpoint = export.find_checkpoint(export.checkpoints_folder(save)) if resume else None
     models = load_models(config)

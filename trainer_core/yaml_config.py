@@ -26,6 +26,7 @@ import yaml
 from yaml.constructor import SafeConstructor
 
 from .config import (
+    ALGORITHMS,
     BLOCKS_TO_SWAP_AUTO,
     MAX_BLOCKS_TO_SWAP,
     MAX_LEARNING_RATE,
@@ -85,7 +86,10 @@ MODEL = {
     "text_encoder_paths": Key("files", []),
 }
 NETWORK = {
-    "type": Key("str", "lora", ("lora",)),
+    # ai-toolkit's names; LoCon is `lora` with a conv target preset here.
+    "type": Key("str", "lora", ALGORITHMS),
+    "lokr_factor": Key("int", -1),
+    "lokr_full_rank": Key("bool", False),
     "linear": Key("int", 16),
     "linear_alpha": Key("float", 16.0),
     "dropout": Key("float", 0.0),
