@@ -47,6 +47,13 @@ class LoraLayer(nn.Module):
         """(alpha / rank) · B·A in the base weight's shape: what merging adds to W."""
         raise NotImplementedError
 
+    def up_parameters(self) -> list[nn.Parameter]:
+        """The parameters on the output side of the adapter, which start at zero and map the rank-wide
+        hidden state back to the layer's output (LoRA's B / `up`). LoRA+ trains them at a higher learning
+        rate (loraplus.py); every other parameter of the layer is on the input side. Each layer kind says
+        which of its parameters these are (e.g. LoHa: both Hadamard factors' up matrices)."""
+        raise NotImplementedError
+
 
 class LinearLora(LoraLayer):
     def create_parameters(self, base: nn.Linear) -> None:
@@ -78,6 +85,9 @@ class LinearLora(LoraLayer):
     def delta_weight(self) -> torch.Tensor:
         return (self.up @ self.down) * self.scale
 
+    def up_parameters(self) -> list[nn.Parameter]:
+        return [self.up]
+
 
 class ConvLora(LoraLayer):
     """LoCon: `down` is a convolution with the base layer's kernel, stride and padding; `up` is 1x1."""
@@ -99,6 +109,9 @@ class ConvLora(LoraLayer):
         up = self.up.flatten(1)
         down = self.down.flatten(1)
         return ((up @ down) * self.scale).reshape(self.up.shape[0], *self.down.shape[1:])
+
+    def up_parameters(self) -> list[nn.Parameter]:
+        return [self.up]
 
 
 def lora_layer_for(base: nn.Module, config: LoraConfig) -> LoraLayer:
