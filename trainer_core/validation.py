@@ -74,28 +74,23 @@ class ValidationSet:
 
 
 class ValidationHook(JobHook):
-    """Evaluates the validation loss every `train.validation_every` steps and at the end of a finished run,
-    as "validation" events ({"step", "total_steps", "validation_loss"})."""
+    """Evaluates the validation loss every `train.validation_every` steps and at the last step of a run that
+    reaches it, as "validation" events ({"step", "total_steps", "validation_loss"})."""
+
+    # At the last step, inside the training session: the model is loaded as for the steps (its blocks swapped,
+    # if they are) and the LoRA attached, which after the session they no longer are.
+    at_last_step = True
 
     def __init__(self, validation: ValidationSet, every: int):
         self.validation = validation
         self.every = every
-        self.evaluated_step: int | None = None
 
     def on_step(self, trainer: Trainer) -> list[Event]:
-        step = trainer.state.step
         # The LoRA as it is used and saved: its EMA where the run keeps one.
         with ema_weights(trainer):
             loss = self.validation.loss(trainer)
-        self.evaluated_step = step
-        return [Event("validation", {"step": step, "total_steps": trainer.config.steps, "validation_loss": loss})]
-
-    def on_end(self, trainer: Trainer, cancelled: bool) -> list[Event]:
-        if cancelled or self.evaluated_step == trainer.state.step:
-            return []
-        # The training session (and with it the LoRA's hooks on the model) has ended: attach it again.
-        with trainer.network.attached(trainer.family.diffusion_model):
-            return self.on_step(trainer)
+        data = {"step": trainer.state.step, "total_steps": trainer.config.steps, "validation_loss": loss}
+        return [Event("validation", data)]
 
 
 def validation_hooks(held_out: Sequence[Sample], config: TrainConfig) -> list[JobHook]:
