@@ -93,6 +93,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--algorithm", default="lora",
                         help="ours: comma list of lora, loha, lokr, dora (LoraConfig.algorithm), one row each; "
                              "ComfyUI's TrainLoraNode runs once per model and variant, with LoRA")
+    parser.add_argument("--ema-decay", type=float, default=0.0,
+                        help="keep an EMA of the LoRA weights with this decay (TrainConfig.ema_decay; 0: off)")
+    parser.add_argument("--loraplus-lr-ratio", type=float, default=1.0,
+                        help="LoRA+: the up matrices' learning-rate ratio (TrainConfig.loraplus_lr_ratio; 1: off)")
     parser.add_argument("--profile", type=Path, help="profile two steps of ours after the warm-up; tables go here")
     args = parser.parse_args(argv)
     defaults = (3, 1, 64) if args.smoke else (8, 3, 1024)
@@ -194,7 +198,8 @@ def run_ours(arch, variant, args, device, result: dict, algorithm: str = "lora")
     config = TrainConfig(
         steps=args.steps, learning_rate=LEARNING_RATE, batch_size=variant.batch_size, optimizer=variant.optimizer,
         precision="bf16", gradient_checkpointing=True, compile_blocks=args.compile, attention=args.attention,
-        cuda_graphs=args.cuda_graphs, blocks_to_swap=args.blocks_to_swap,
+        cuda_graphs=args.cuda_graphs, blocks_to_swap=args.blocks_to_swap, ema_decay=args.ema_decay,
+        loraplus_lr_ratio=args.loraplus_lr_ratio,
     )
     family = family_for(patcher.model, config)
     latents, texts = random_dataset(arch, max(DATASET_SIZE, variant.batch_size), args.resolution)

@@ -54,6 +54,12 @@ class DatasetNode(io.ComfyNode):
                                 **ADVANCED),
                 io.Float.Input("preservation_weight", optional=True, default=1.0, min=0.01, max=MAX_LOSS_WEIGHT,
                                step=0.05, tooltip="Weight of the preservation term.", **ADVANCED),
+                io.Float.Input("validation_split", optional=True, default=0.0, min=0.0, max=0.5, step=0.05,
+                               tooltip="Fraction of the images held out of training for the validation loss "
+                                       "(0: none).", **ADVANCED),
+                io.String.Input("validation_folder", optional=True, default="",
+                                tooltip="Or a folder of held-out images (absolute, or inside ComfyUI's input "
+                                        "folder) for the validation loss; empty: none.", **ADVANCED),
             ],
             outputs=[io.Custom("LORA_DATASET").Output(display_name="dataset")],
         )

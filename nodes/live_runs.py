@@ -45,6 +45,8 @@ class RunRecord:
         self.step = 0
         self.started_at = time.time()
         self.history: dict[str, list] = {"step": [], "loss": [], "lr": []}
+        # The validation loss's evaluations (a held-out set's): steps and losses, fewer than the steps'.
+        self.validation: dict[str, list] = {"step": [], "loss": []}
         # From the newest step; peak_vram_bytes stays None off CUDA.
         self.rates: dict[str, float | None] = {"images_per_second": None, "eta_seconds": None,
                                                "elapsed_seconds": None, "peak_vram_bytes": None,
@@ -75,6 +77,9 @@ class RunRecord:
             for key in self.history:
                 self.history[key].append(data[key])
             self.rates = {key: data.get(key) for key in self.rates}
+        elif kind == "validation":
+            self.validation["step"].append(data["step"])
+            self.validation["loss"].append(data["validation_loss"])
         elif kind == "sample":
             data["images"] = [self._view_reference(path) for path in data.pop("files")]
             self.samples.extend(
@@ -97,10 +102,16 @@ class RunRecord:
             return {
                 "run_id": self.run_id, "node": self.node, "name": self.name, "status": self.status,
                 "step": self.step, "total_steps": self.total_steps, "started_at": self.started_at,
-                "history": {key: list(values) for key, values in self.history.items()}, **self.rates,
+                "history": self.loss_history(), **self.rates,
                 "samples": list(self.samples), "saves": list(self.saves), "error": self.error,
                 "save_requested": self.save_requested, "compiling": self.compiling,
             }
+
+    def loss_history(self) -> dict:
+        """The run's losses: {"step", "loss", "lr"}: one entry per logged step, as before validation losses
+        existed; "validation": {"step", "loss"}: one entry per evaluation of the held-out set (empty without)."""
+        history = {key: list(values) for key, values in self.history.items()}
+        return history | {"validation": {key: list(values) for key, values in self.validation.items()}}
 
     @property
     def lora_name(self) -> str:

@@ -14,6 +14,7 @@ from ..trainer_core.config import (
     COMPILE_MODES,
     MAX_BLOCKS_TO_SWAP,
     MAX_LEARNING_RATE,
+    MAX_LORAPLUS_RATIO,
     MAX_STEPS,
     OPTIMIZERS,
     PRECISIONS,
@@ -24,9 +25,11 @@ from ..trainer_core.config import (
     check_save_format,
 )
 from ..trainer_core.data import build_samples
+from ..trainer_core.ema import ema_weights
 from ..trainer_core.job import TrainingJob
 from ..trainer_core.sampling import SampleHook, SampleSettings, encode_prompts
 from ..trainer_core.trainer import Trainer
+from ..trainer_core.validation import validation_hooks
 from .compat import ADVANCED, send_event
 from .live_runs import RUNS, RunRecord
 from .lora_config import CATEGORY
@@ -101,6 +104,16 @@ class TrainLoraNode(io.ComfyNode):
                              tooltip="Blocks of the model kept in system memory and copied to the card just before "
                                      "they compute, for cards too small for the model: 0 keeps all on the card; -1 "
                                      "(auto) swaps the fewest that fit. Needs gradient_checkpointing.", **ADVANCED),
+                io.Int.Input("validation_every", default=0, min=0, max=1_000_000,
+                             tooltip="Validation loss on the dataset's held-out images every N steps (0: only at "
+                                     "the end); needs the Dataset's validation_split or validation_folder.",
+                             optional=True, **ADVANCED),
+                io.Float.Input("ema_decay", default=0.0, min=0.0, max=0.99999, step=0.0001,
+                               tooltip="EMA of the LoRA weights (e.g. 0.999), used for previews and the saved "
+                                       "LoRA; 0: off.", optional=True, **ADVANCED),
+                io.Float.Input("loraplus_lr_ratio", default=1.0, min=0.01, max=MAX_LORAPLUS_RATIO, step=0.5,
+                               tooltip="LoRA+: the up (B) matrices learn at this multiple of the learning rate "
+                                       "(16 is usual); 1: off.", optional=True, **ADVANCED),
             ],
             hidden=[io.Hidden.unique_id],
             outputs=[
@@ -117,12 +130,14 @@ class TrainLoraNode(io.ComfyNode):
     def execute(cls, model, clip, vae, dataset, lora_config, output_name, steps, learning_rate, optimizer, schedule,
                 warmup_steps, batch_size, gradient_accumulation, precision, gradient_checkpointing, seed, save_every,
                 keep_last, save_dtype, sample_every, sample_prompts, sample_seed, sample_size,
-                resume_from, compile_blocks, save_format, blocks_to_swap) -> io.NodeOutput:
+                resume_from, compile_blocks, save_format, blocks_to_swap, validation_every=0, ema_decay=0.0,
+                loraplus_lr_ratio=1.0) -> io.NodeOutput:
         train = TrainConfig(
             steps=steps, learning_rate=learning_rate, optimizer=optimizer, schedule=schedule,
             warmup_steps=warmup_steps, batch_size=batch_size, gradient_accumulation=gradient_accumulation,
             precision=precision, gradient_checkpointing=gradient_checkpointing, seed=seed,
-            compile_blocks=compile_blocks, blocks_to_swap=blocks_to_swap,
+            compile_blocks=compile_blocks, blocks_to_swap=blocks_to_swap, validation_every=validation_every,
+            ema_decay=ema_decay, loraplus_lr_ratio=loraplus_lr_ratio,
         )
         save = SaveConfig(name=output_name.strip(), dtype=save_dtype, every=save_every, keep_last=keep_last,
                           trigger_word=dataset.trigger_word, format=save_format)
@@ -144,7 +159,7 @@ class TrainLoraNode(io.ComfyNode):
             with torch.inference_mode(False):
                 resumed = export.resume(trainer, export.resume_target(save, resume_from.strip()))
         checkpoints = export.CheckpointHook(save, started_at=time.time(), resumed=resumed)
-        hooks = [checkpoints]
+        hooks = [*validation_hooks(report.validation, train), checkpoints]
         if settings is not None:
             samples_folder = export.checkpoints_folder(save).parent / "samples"
             hooks.append(SampleHook(vae, encoded, settings, sample_every, samples_folder))
@@ -152,8 +167,9 @@ class TrainLoraNode(io.ComfyNode):
         run = RUNS.add(RunRecord(str(cls.hidden.unique_id), save.name, steps, job,
                                  folder_paths.get_output_directory(), checkpoints))
         cls._watch(job, run)
-        network = trainer.network
-        return io.NodeOutput(export.apply_lora_to_clone(model, network), run.lora_name, run.snapshot()["history"])
+        with ema_weights(trainer):
+            trained = export.apply_lora_to_clone(model, trainer.network)
+        return io.NodeOutput(trained, run.lora_name, run.snapshot()["history"])
 
     @classmethod
     def _watch(cls, job: TrainingJob, run: RunRecord):

@@ -30,11 +30,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 FLUX_EXAMPLE = REPO_ROOT / "example_workflows" / "train_flux_lora.json"
 TIMEOUT_MS = 240_000
 PANEL = ".lora-panel"
-# Long enough to be stopped by the test; samples often, so the strip fills early.
+# Long enough to be stopped by the test; samples and validates often, so the strip and the validation line
+# fill early (the Flux example holds a tenth of the dataset out: one of its four images).
 PANEL_RUN = {
     "LoraTrainer_Dataset": {"resolution": 64},
     "LoraTrainer_TrainLoRA": {"steps": 100_000, "save_every": 0, "sample_every": 3, "sample_size": 64,
-                              "warmup_steps": 1, "optimizer": "adamw", "precision": "fp32", "learning_rate": 1e-3},
+                              "warmup_steps": 1, "optimizer": "adamw", "precision": "fp32", "learning_rate": 1e-3,
+                              "validation_every": 2},
     "KSampler": {"steps": 2},
     "EmptySD3LatentImage": {"width": 64, "height": 64},
 }
@@ -75,12 +77,26 @@ def test_a_run_record_keeps_what_a_reloaded_page_needs(live_runs, tmp_path: Path
     assert "images" in sent[3] and not isinstance(sent[3]["images"][0], torch.Tensor)
     snapshot = run.snapshot()
     json.dumps(snapshot)  # what the status route sends
-    assert snapshot["history"] == {"step": [1, 2], "loss": [0.5, 0.25], "lr": [1e-4, 1e-4]}
+    assert snapshot["history"] == {"step": [1, 2], "loss": [0.5, 0.25], "lr": [1e-4, 1e-4],
+                                   "validation": {"step": [], "loss": []}}
     assert (snapshot["step"], snapshot["total_steps"], snapshot["status"]) == (2, 10, "stopped")
     assert (snapshot["images_per_second"], snapshot["eta_seconds"], snapshot["compiling"]) == (2.0, 3.0, False)
     assert snapshot["samples"] == [{"step": 2, "prompt": "a cat", "image": {
         "filename": "step000002_00.png", "subfolder": "my_lora/samples", "type": "output"}}]
     assert snapshot["saves"] == [{"kind": "checkpoint", "step": 2}]
+
+
+def test_a_run_record_keeps_the_validation_losses_beside_the_steps(live_runs, tmp_path: Path) -> None:
+    run = live_runs.RunRecord("7", "my_lora", 10, job=None, output_dir=tmp_path, checkpoint_hook=None)
+    for step in (1, 2, 3, 4):
+        run.record(step_event(step, 1.0 / step))
+        if step % 2 == 0:
+            sent = run.record(event("validation", step=step, total_steps=10, validation_loss=0.1 * step))
+    assert sent["validation_loss"] == 0.4 and sent["run_id"] == run.run_id
+    history = run.snapshot()["history"]
+    # The steps' lists as before, one entry per step; the evaluations apart.
+    assert (history["step"], history["loss"]) == ([1, 2, 3, 4], [1.0, 0.5, 1 / 3, 0.25])
+    assert history["validation"] == {"step": [2, 4], "loss": [0.2, 0.4]}
 
 
 def test_a_run_record_keeps_the_newest_peak_vram_and_none_off_cuda(live_runs, tmp_path: Path) -> None:
@@ -178,6 +194,20 @@ def flux_example_on_tiny_flux() -> dict:
     return workflow
 
 
+def validation_pixels(page) -> int:
+    """Pixels of the chart's canvas in the validation line's colour (#ffa94d)."""
+    return page.evaluate(f"""() => {{
+        const canvas = document.querySelector("{PANEL} canvas");
+        const data = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+        let count = 0;
+        for (let i = 0; i < data.length; i += 4) {{
+            if (Math.abs(data[i] - 255) < 24 && Math.abs(data[i + 1] - 169) < 24 && Math.abs(data[i + 2] - 77) < 24
+                && data[i + 3] > 200) count++;
+        }}
+        return count;
+    }}""")
+
+
 def queue(page, settings: dict) -> None:
     set_widgets(page, settings)
     page.get_by_test_id("queue-button").first.click()
@@ -203,7 +233,8 @@ def test_the_panel_follows_a_flux_run_reloads_stops_and_resumes(comfy_server: Co
         fit_view(page, only=["LoraTrainer_TrainLoRA"])
         queue(page, settings)
 
-        running = wait_for_panel(page, f"d.runId !== '{earlier}' && Number(d.points) >= 4 && Number(d.samples) >= 1")
+        running = wait_for_panel(page, f"d.runId !== '{earlier}' && Number(d.points) >= 4 && Number(d.samples) >= 1 "
+                                       "&& Number(d.validationPoints) >= 2")
         # The newest sample leads the strip, loaded from the file the run saved (64 px previews).
         page.wait_for_function(f"""() => {{
             const img = document.querySelector("{PANEL} .lora-strip img");
@@ -242,6 +273,13 @@ def test_the_panel_follows_a_flux_run_reloads_stops_and_resumes(comfy_server: Co
         run = comfy_server.get_json("/lora_trainer/status")["run"]
         history = run["history"]
         assert float(stopped["lastLoss"]) == steps[-1]["loss"] == history["loss"][-1]
+        # The validation loss: every second step's, drawn as the chart's second (orange) line, its newest shown.
+        validation = history["validation"]
+        assert validation["step"] == list(range(2, history["step"][-1] + 1, 2))
+        assert int(stopped["validationPoints"]) == len(validation["loss"])
+        assert float(stopped["lastValidationLoss"]) == validation["loss"][-1]
+        assert validation_pixels(page) > 20, "the chart draws the validation line"
+        assert page.locator(f"{PANEL} .lora-stats > div", has_text="validation").is_visible()
         assert int(stopped["points"]) == len(history["loss"]) == history["step"][-1]
         # This socket can miss broadcasts around the page's reload (once on 0.3.75 it got 15 of the 18 step
         # events the panel drew; cause not traced); every step it did get is in the run's history.

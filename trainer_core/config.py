@@ -1,5 +1,6 @@
 """Plain configuration dataclasses. Each validates itself and names the field that is wrong."""
 
+import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 
@@ -33,6 +34,10 @@ ALGORITHMS = ("lora", "loha", "lokr", "dora")
 SAVE_FORMATS = ("comfyui", "diffusers")
 
 
+# LoRA+'s paper suggests 16 for the up matrices' learning-rate ratio; far above it training diverges.
+MAX_LORAPLUS_RATIO = 1000.0
+
+
 class ConfigError(ValueError):
     """A configuration value is wrong; the message names the field and what to use instead."""
 
@@ -40,6 +45,10 @@ class ConfigError(ValueError):
 def _require(condition: bool, owner: str, name: str, message: str) -> None:
     if not condition:
         raise ConfigError(f"{owner}.{name}: {message}")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _one_of(owner: str, name: str, value, allowed) -> None:
@@ -130,6 +139,15 @@ class TrainConfig:
     noise_offset: float = 0.0
     min_snr_gamma: float = 0.0
     log_every: int = 1
+    # Validation loss on the dataset's held-out images every N steps (0: only at the end); the
+    # held-out set itself is the dataset's (DatasetConfig.validation_split / validation_folder).
+    validation_every: int = 0
+    # EMA of the LoRA weights (ema.py): ema <- decay * ema + (1 - decay) * weights after every step;
+    # previews and the saved LoRA use it. 0 turns it off.
+    ema_decay: float = 0.0
+    # LoRA+ (kohya's loraplus_lr_ratio): the up (B) matrices learn at this multiple of the learning
+    # rate, in a parameter group of their own (loraplus.py). 1 turns it off.
+    loraplus_lr_ratio: float = 1.0
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -163,6 +181,19 @@ class TrainConfig:
         _require(self.logit_std > 0, owner, "logit_std", f"must be > 0, got {self.logit_std!r}")
         _require(self.noise_offset >= 0, owner, "noise_offset", f"must be >= 0, got {self.noise_offset!r}")
         _require(self.min_snr_gamma >= 0, owner, "min_snr_gamma", "must be >= 0 (0 turns the weighting off)")
+        every = self.validation_every
+        _require(isinstance(every, int) and not isinstance(every, bool) and every >= 0, owner, "validation_every",
+                 f"must be an integer >= 0 (0: only at the end), got {every!r}")
+        decay = self.ema_decay
+        _require(_is_number(decay) and 0.0 <= decay < 1.0, owner, "ema_decay",
+                 f"must be a number in [0, 1) (0 turns EMA off; 0.99 to 0.9999 are usual), got {decay!r}")
+        ratio = self.loraplus_lr_ratio
+        _require(_is_number(ratio) and 0 < ratio <= MAX_LORAPLUS_RATIO, owner, "loraplus_lr_ratio",
+                 f"must be a number > 0 and <= {MAX_LORAPLUS_RATIO:g} (1 turns LoRA+ off; 16 is LoRA+'s "
+                 f"suggestion), got {ratio!r}")
+        _require(ratio == 1.0 or self.optimizer != "prodigy", owner, "loraplus_lr_ratio",
+                 "prodigy estimates one learning rate for all parameters and takes no other for the up matrices: "
+                 "set it to 1, or use adamw, adamw8bit or adafactor")
 
     def to_dict(self) -> dict:
         return asdict(self)

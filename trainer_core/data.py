@@ -129,6 +129,10 @@ class DatasetConfig:
     # and the weight of the preservation term.
     preservation_class: str = ""
     preservation_weight: float = 1.0
+    # A held-out set for the validation loss (validation.py): this fraction of the images, chosen by the
+    # seed and left out of training; or the images of another folder (absolute, or in the input folder).
+    validation_split: float = 0.0
+    validation_folder: str = ""
 
     def __post_init__(self):
         owner = "dataset"
@@ -160,6 +164,11 @@ class DatasetConfig:
                  f"{smallest} is above the resolution {self.resolution}")
         _require(largest >= self.resolution, owner, "max_bucket_side",
                  f"{largest} is below the resolution {self.resolution}")
+        split = self.validation_split
+        _require(isinstance(split, (int, float)) and not isinstance(split, bool) and 0.0 <= split <= 0.5, owner,
+                 "validation_split", f"must be a fraction in [0, 0.5] of the images held out (0: none), got {split!r}")
+        _require(not (split and self.validation_folder.strip()), owner, "validation_split",
+                 "is set together with validation_folder: hold out a fraction or give a folder, not both")
 
     @property
     def bucket_bounds(self) -> tuple[int, int]:
@@ -222,6 +231,8 @@ class DatasetReport:
     masked: int = 0  # samples per epoch whose loss a mask weights
     # Caption -> the class-word caption differential output preservation trains on beside it.
     preserved: dict[str, str] = field(default_factory=dict)
+    # The held-out samples of the validation loss: one per image, its caption as written, no flip, no loss terms.
+    validation: list[Sample] = field(default_factory=list)
 
     def facts(self) -> DatasetFacts:
         """What the LoRA file's metadata records of this dataset."""
@@ -249,6 +260,7 @@ class DatasetReport:
                 report.buckets[bucket] = report.buckets.get(bucket, 0) + count
             report.captions |= part.captions
             report.preserved |= part.preserved
+            report.validation += part.validation
             for folder, counts in part.tag_frequency.items():
                 merged = report.tag_frequency.setdefault(folder, {})
                 for tag, count in counts.items():
@@ -583,11 +595,13 @@ class _Plan:
     preserved: dict[str, tuple[str, float]]  # caption -> (class-word caption, weight) for captions with the trigger
     mask_dir: Path | None
     report: DatasetReport
+    held_out: list[tuple[ImageEntry, tuple[int, int]]]  # the validation loss's images, not trained on
+    held_out_texts: dict[str, str]  # held-out image name -> its caption as written
 
     @property
     def texts(self) -> set[str]:
         return {text for drawn in self.choices.values() for _, text in drawn} | {
-            text for text, _ in self.preserved.values()}
+            text for text, _ in self.preserved.values()} | set(self.held_out_texts.values())
 
     def key(self, name: str) -> str:
         """A sample's key: its image's name, after the first dataset prefixed with the dataset's number."""
@@ -601,7 +615,7 @@ def _plan(index: int, config: DatasetConfig, input_dir, output_dir) -> _Plan:
         mask_dir = Path(input_dir) / Path(config.mask_folder.strip()).expanduser()
         if not mask_dir.is_dir():
             raise ConfigError(f"dataset.mask_folder: {mask_dir} is not a folder")
-    entries = scan(folder, config)
+    entries, held_out = held_out_entries(scan(folder, config), config, input_dir)
     cache_dir = Path(output_dir) / Path(config.cache_dir or DEFAULT_CACHE_FOLDER).expanduser()
     trained = not config.regularization  # kohya's counts and tags are of the trained images, not the class's
     report = DatasetReport(folder, cache_dir, images=len(entries),
@@ -617,7 +631,29 @@ def _plan(index: int, config: DatasetConfig, input_dir, output_dir) -> _Plan:
             if replaced is not None:
                 preserved[text] = (replaced, config.preservation_weight)
     return _Plan(index, config, [(e, nearest_bucket(e.size, buckets)) for e in entries],
-                 (False, True) if config.flip else (False,), choices, preserved, mask_dir, report)
+                 (False, True) if config.flip else (False,), choices, preserved, mask_dir, report,
+                 [(e, nearest_bucket(e.size, buckets)) for e in held_out],
+                 {e.name: caption_variants(e.caption, config, e.name)[0] for e in held_out})
+
+
+def held_out_entries(entries: list[ImageEntry], config: DatasetConfig,
+                     input_dir: str | os.PathLike) -> tuple[list[ImageEntry], list[ImageEntry]]:
+    """(training images, held-out images of the validation loss). `validation_folder`'s images are held out
+    as they are; `validation_split` holds out that fraction of the dataset's images (at least one, chosen by
+    the seed, every repeat of an image with it), which then are not trained on."""
+    if config.validation_folder.strip():
+        try:
+            return entries, scan(resolve_folder(config.validation_folder, input_dir), config)
+        except ConfigError as error:
+            raise ConfigError(str(error).replace("dataset.folder:", "dataset.validation_folder:", 1)) from None
+    if not config.validation_split:
+        return entries, []
+    count = max(1, round(len(entries) * config.validation_split))
+    if count >= len(entries):
+        raise ConfigError(f"dataset.validation_split: holding out {count} of the dataset's {len(entries)} images "
+                          "leaves none to train on; add images, lower it or give a validation_folder")
+    chosen = set(random.Random(f"validation:{config.seed}").sample([e.name for e in entries], count))
+    return [e for e in entries if e.name not in chosen], [e for e in entries if e.name in chosen]
 
 
 def build_samples(
@@ -643,7 +679,8 @@ def build_samples(
     samples = []
     try:
         with torch.no_grad():
-            progress = comfy.utils.ProgressBar(sum(len(p.placed) * len(p.flips) for p in plans) + len(texts))
+            images = sum(len(p.placed) * len(p.flips) + len(p.held_out) for p in plans)
+            progress = comfy.utils.ProgressBar(images + len(texts))
             tokens = equal_length_tokens({text: clip.tokenize(text) for text in texts}, clip.tokenize(""))
             encoder_key = text_encoder_fingerprint(clip)
             embeddings: dict[str, tuple] = {}
@@ -654,6 +691,8 @@ def build_samples(
             for plan in plans:
                 raw_latents = _encode_images(vae, plan.placed, plan.flips, plan, progress)
                 samples += assemble.samples(plan, raw_latents)
+                held_out_latents = _encode_images(vae, plan.held_out, (False,), plan, progress)
+                plan.report.validation = assemble.held_out_samples(plan, held_out_latents)
     finally:
         comfy_compat.unload_models([vae.patcher, clip.patcher])
     for plan in plans:
@@ -701,6 +740,12 @@ class _SampleAssembly:
         plan.report.preserved = {text: replaced for text, (replaced, _) in plan.preserved.items()}
         return samples
 
+    def held_out_samples(self, plan: _Plan, raw_latents: dict) -> list[Sample]:
+        """The validation loss's samples: the plain loss of each held-out image, so no loss terms."""
+        return [Sample(self.patcher.model.process_latent_in(raw_latents[entry.name, False].unsqueeze(0))[0],
+                       self._family_conditioning(plan.held_out_texts[entry.name], bucket), plan.key(entry.name))
+                for entry, bucket in plan.held_out]
+
     def _conditioning(self, plan: _Plan, text: str, bucket, mask) -> dict[str, torch.Tensor]:
         conditioning = dict(self._family_conditioning(text, bucket))
         if mask is not None:
@@ -742,7 +787,9 @@ def _encode_images(vae, placed, flips, plan: _Plan, progress) -> dict[tuple[str,
 
             latents[entry.name, flip] = cache.get(key, encode, ("latents",), entry.name)["latents"]
             progress.update(1)
-    plan.report.latents_cached, plan.report.latents_encoded = cache.hits, cache.misses
+    # Added up: a dataset's training images and its held-out ones are encoded in two calls.
+    plan.report.latents_cached += cache.hits
+    plan.report.latents_encoded += cache.misses
     return latents
 
 

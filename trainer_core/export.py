@@ -38,6 +38,7 @@ from torch import nn
 
 from . import comfy_compat, diffusers_format
 from .config import DatasetFacts, LoraConfig, SaveConfig, TrainConfig, check_save_format
+from .ema import ema_weights
 from .families.base import Family
 from .job import Event, JobHook
 from .lora import LoraNetwork, lora_layer_for
@@ -176,7 +177,9 @@ def _write_lora_file(path: str | os.PathLike, trainer: Trainer, save: SaveConfig
         trainer.family, trainer.lora_config, trainer.config, name=save.name, steps=trainer.state.step,
         started_at=started_at, trigger_word=save.trigger_word, dataset=save.dataset,
     )
-    tensors = lora_file_tensors(trainer, save)
+    # With EMA on, every LoRA file (checkpoints' too) holds the average; resume.safetensors the trained weights.
+    with ema_weights(trainer):
+        tensors = lora_file_tensors(trainer, save)
     write_safetensors_atomic(path, tensors, metadata | kohya_hashes(tensors, metadata))
 
 
@@ -455,7 +458,13 @@ def run_settings(trainer: Trainer) -> dict:
     optimizer's state layout and the gradient scaler's (fp16)."""
     return {"model": trainer.family.base_model_version, "rank": trainer.lora_config.rank,
             "algorithm": trainer.lora_config.algorithm, "optimizer": trainer.config.optimizer,
-            "precision": trainer.config.precision}
+            "precision": trainer.config.precision, "ema_decay": trainer.config.ema_decay,
+            "loraplus_lr_ratio": trainer.config.loraplus_lr_ratio}
+
+
+# What checkpoints of versions that did not record a setting were trained with (before the algorithms
+# were recorded, every run was plain LoRA).
+SETTINGS_BEFORE_RECORDED = {"algorithm": "lora", "ema_decay": 0.0, "loraplus_lr_ratio": 1.0}
 
 
 def save_checkpoint(trainer: Trainer, save: SaveConfig, started_at: float, run_id: str) -> Path:
@@ -652,9 +661,9 @@ def _check_fits(trainer: Trainer, checkpoint: Checkpoint) -> None:
     if checkpoint.settings is not None:
         wanted = run_settings(trainer)
         for key, field in (("model", None), ("rank", "lora.rank"), ("algorithm", "lora.algorithm"),
-                           ("optimizer", "train.optimizer"), ("precision", "train.precision")):
-            # Checkpoints from before the algorithms were recorded are plain LoRA.
-            theirs, ours = checkpoint.settings.get(key, "lora" if key == "algorithm" else None), wanted[key]
+                           ("optimizer", "train.optimizer"), ("precision", "train.precision"),
+                           ("ema_decay", "train.ema_decay"), ("loraplus_lr_ratio", "train.loraplus_lr_ratio")):
+            theirs, ours = checkpoint.settings.get(key, SETTINGS_BEFORE_RECORDED.get(key)), wanted[key]
             if theirs == ours:
                 continue
             if field is None:

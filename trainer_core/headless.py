@@ -29,6 +29,7 @@ from .families import UnsupportedModelError
 from .job import Event, OutOfMemory, TrainingFailed, TrainingJob
 from .sampling import SampleHook, SampleSettings, encode_prompts
 from .trainer import Trainer
+from .validation import validation_hooks
 from .yaml_config import FAMILY_FLAGS, ConfigFileError, ResolvedConfig
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,8 @@ TRAIN_KEYS = {
     "schedule": "train.lr_scheduler", "warmup_steps": "train.warmup_steps", "max_grad_norm": "train.max_grad_norm",
     "precision": "train.dtype", "gradient_checkpointing": "train.gradient_checkpointing", "seed": "train.seed",
     "blocks_to_swap": "train.blocks_to_swap",
+    "validation_every": "train.validation_every", "loraplus_lr_ratio": "train.loraplus_lr_ratio",
+    "ema_decay": "train.ema_config.ema_decay",
 }
 SAVE_KEYS = {
     "name": "name", "dtype": "save.dtype", "every": "save.save_every", "keep_last": "save.max_step_saves_to_keep",
@@ -59,6 +62,7 @@ DATASET_KEYS = {
     "caption_dropout": "caption_dropout_rate", "shuffle_tags": "shuffle_tokens", "keep_tags": "keep_tokens",
     "flip": "flip_x", "resolution": "resolution", "repeats": "num_repeats", "mask_folder": "mask_path",
     "alpha_mask": "alpha_mask", "regularization": "is_reg", "loss_weight": "loss_multiplier",
+    "validation_split": "validation_split", "validation_folder": "validation_folder",
 }
 PROCESS_DATASET_KEYS = {
     "trigger_word": "trigger_word", "seed": "train.seed",
@@ -198,6 +202,10 @@ class TerminalProgress:
                 f"{data['images_per_second']:.2f} img/s  ETA {eta_text(data['eta_seconds'])}{peak_text}\n"
             )
             self.stream.flush()
+        elif event.kind == "validation":
+            self.stream.write(f"step {data['step']}/{data['total_steps']}  validation loss "
+                              f"{data['validation_loss']:.4f}\n")
+            self.stream.flush()
         elif event.kind == "sample":
             log.info("samples of step %d: %s", data["step"], ", ".join(data["files"]))
         elif event.kind == "saved" and data["kind"] == "lora":  # export logs the checkpoints it saves
@@ -268,7 +276,8 @@ def train(config: ResolvedConfig, resume: bool, command: str) -> int:
 def train_process(config: ResolvedConfig, resume: bool, command: str, rank: int, trainer_class) -> int:
     values = config.values
     lora = build(config, LoraConfig, LORA_KEYS)
-    train_config = build(config, TrainConfig, TRAIN_KEYS)
+    ema = values["train"]["ema_config"]
+    train_config = build(config, TrainConfig, TRAIN_KEYS, ema_decay=ema["ema_decay"] if ema["use_ema"] else 0.0)
     save = build(config, SaveConfig, SAVE_KEYS)
     datasets = dataset_configs(config)
     with named_in_file(config, SAVE_KEYS):
@@ -310,6 +319,7 @@ def train_process(config: ResolvedConfig, resume: bool, command: str, rank: int,
             raise config.error("name", f"--resume: {error}") from None
     hooks = []
     if first:
+        hooks += validation_hooks(report.validation, train_config)
         hooks.append(FinalLoraHook(save, run_folder / f"{save.name}.safetensors", resumed))
         if encoded is not None:
             every = values["sample"]["sample_every"]

@@ -37,9 +37,12 @@ class Event:
 
 class JobHook:
     """Work between two steps. `every` > 0 runs `on_step` every that many steps; `on_end` runs
-    once when training ends, finished or cancelled (not after an error)."""
+    once when training ends, finished or cancelled (not after an error). At the last step `on_step`
+    runs only for hooks with `at_last_step` (there, still inside the training session: the model
+    loaded as for training, the LoRA attached); the others do their last work in `on_end`."""
 
     every: int = 0
+    at_last_step: bool = False
 
     def on_step(self, trainer: Trainer) -> list[Event]:
         return []
@@ -197,7 +200,10 @@ class TrainingJob:
         for report in reports:
             self._events.put(Event("step", self._step_data(report)))
         step = trainer.state.step
-        due = [hook for hook in self.hooks if hook.every and step % hook.every == 0 and step < trainer.config.steps]
+        if step < trainer.config.steps:
+            due = [hook for hook in self.hooks if hook.every and step % hook.every == 0]
+        else:
+            due = [hook for hook in self.hooks if hook.at_last_step]
         with self._requests_lock:
             requested, self._requested = self._requested, []
         # A hook that is due anyway runs once at this step.

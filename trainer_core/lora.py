@@ -94,6 +94,13 @@ class LoraLayer(nn.Module):
             for suffix, (parameter, _) in expected.items():
                 parameter.copy_(tensors[suffix].reshape(parameter.shape))
 
+    def up_parameters(self) -> list[nn.Parameter]:
+        """The parameters on the output side of the adapter, which start at zero and map the rank-wide
+        hidden state back to the layer's output (LoRA's B / `up`). LoRA+ trains them at a higher learning
+        rate (loraplus.py); every other parameter of the layer is on the input side. Each layer kind says
+        which of its parameters these are (e.g. LoHa: both Hadamard factors' up matrices)."""
+        raise NotImplementedError
+
 
 class LinearLora(LoraLayer):
     def create_parameters(self, base: nn.Linear) -> None:
@@ -125,6 +132,9 @@ class LinearLora(LoraLayer):
     def delta_weight(self) -> torch.Tensor:
         return (self.up @ self.down) * self.scale
 
+    def up_parameters(self) -> list[nn.Parameter]:
+        return [self.up]
+
 
 class ConvLora(LoraLayer):
     """LoCon: `down` is a convolution with the base layer's kernel, stride and padding; `up` is 1x1."""
@@ -146,6 +156,9 @@ class ConvLora(LoraLayer):
         up = self.up.flatten(1)
         down = self.down.flatten(1)
         return ((up @ down) * self.scale).reshape(self.up.shape[0], *self.down.shape[1:])
+
+    def up_parameters(self) -> list[nn.Parameter]:
+        return [self.up]
 
 
 class _Dora:
@@ -268,6 +281,9 @@ class Loha(_WeightSpace):
         return {name: (getattr(self, name), tuple(getattr(self, name).shape))
                 for name in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}
 
+    def up_parameters(self) -> list[nn.Parameter]:
+        return [self.hada_w1_a, self.hada_w2_a]
+
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
     """(m, n), m <= n, m · n = dimension: m = `factor` where it divides and m <= n, else the divisor pair
@@ -346,6 +362,10 @@ class Lokr(_WeightSpace):
     def file_parameters(self) -> dict[str, tuple[nn.Parameter, tuple[int, ...]]]:
         names = ("lokr_w1", "lokr_w2") if self.full_rank else ("lokr_w1", "lokr_w2_a", "lokr_w2_b")
         return {name: (getattr(self, name), tuple(getattr(self, name).shape)) for name in names}
+
+    def up_parameters(self) -> list[nn.Parameter]:
+        # A full w2 has no rank-wide side: the factor that starts at zero (as LoRA's B does) takes the ratio.
+        return [self.lokr_w2] if self.full_rank else [self.lokr_w2_a]
 
 
 def lora_layer_for(base: nn.Module, config: LoraConfig) -> LoraLayer:

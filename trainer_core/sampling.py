@@ -12,6 +12,7 @@ from PIL import Image
 
 from . import comfy_compat
 from .config import ConfigError, TrainConfig
+from .ema import ema_weights
 from .families import family_for
 from .job import Event, JobHook
 
@@ -102,7 +103,9 @@ class SampleHook(JobHook):
 
     def on_step(self, trainer) -> list[Event]:
         try:
-            images = sample_images(trainer.patcher, self.vae, self.encoded, self.settings)
+            # With EMA on, previews show the average, as the saved LoRA will be.
+            with ema_weights(trainer):
+                images = sample_images(trainer.patcher, self.vae, self.encoded, self.settings)
         except comfy.model_management.InterruptProcessingException:
             # ComfyUI's Cancel reached the sampler first, which cleared the flag on its way out.
             # Raise it again, so whoever watches the run cancels it the usual way (and saves).
@@ -126,4 +129,9 @@ class SampleHook(JobHook):
         return [Event("sample", {"step": step, "images": images, "files": files, "prompts": prompts})]
 
     def on_end(self, trainer, cancelled: bool) -> list[Event]:
-        return [] if cancelled else self.on_step(trainer)
+        if cancelled:
+            return []
+        # The training session, and with it the LoRA's hooks on the model, has ended: attach it again, or
+        # the last previews would show the model without the LoRA.
+        with trainer.network.attached(trainer.family.diffusion_model):
+            return self.on_step(trainer)

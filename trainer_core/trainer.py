@@ -25,9 +25,11 @@ from .blockswap import BlockSwapper, chosen_swap_count, estimate_step, swapped_i
 from .checkpointing import make_autograd_safe, wrapped_blocks
 from .comfy_compat import device_memory_available
 from .config import BLOCKS_TO_SWAP_AUTO, ConfigError, LoraConfig, TrainConfig
+from .ema import LoraEma
 from .families import family_for
 from .graphs import GraphedSteps
 from .lora import LoraNetwork
+from .loraplus import LR_RATIO, parameter_groups
 from .objective import masked, preservation_loss, split_terms
 
 log = logging.getLogger(__name__)
@@ -105,10 +107,11 @@ def lr_factor(step: int, schedule: str, warmup_steps: int, total_steps: int) -> 
     return 1.0 - progress  # linear
 
 
-def build_optimizer(params: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(params: list[dict], config: TrainConfig) -> torch.optim.Optimizer:
+    """The configured optimizer over parameter groups (dicts with "params"; see loraplus.py)."""
     lr, decay = config.learning_rate, config.weight_decay
     if config.optimizer == "adamw":
-        fused = all(p.is_cuda for p in params)
+        fused = all(p.is_cuda for group in params for p in group["params"])
         return torch.optim.AdamW(params, lr=lr, weight_decay=decay, fused=fused or None)
     if config.optimizer == "adamw8bit":
         # bitsandbytes' AdamW8bit, one update for all LoRA tensors instead of one per tensor (optim.py).
@@ -194,7 +197,8 @@ class Trainer:
         with torch.inference_mode(False):
             self.network = network or LoraNetwork.create(self.family.diffusion_model, self.family.layer_kind, lora)
             self.network.to(self.device)
-            self.optimizer = build_optimizer(list(self.network.parameters()), config)
+            self.optimizer = build_optimizer(parameter_groups(self.network, config.loraplus_lr_ratio), config)
+            self.ema = LoraEma(self.network, config.ema_decay) if config.ema_decay else None
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
         self.state = RunState()
         self._batches: list[list[int]] = []
@@ -386,19 +390,25 @@ class Trainer:
     def release(self) -> None:
         """Gives the training memory back: the LoRA moves to the CPU, optimizer state is dropped."""
         self.network.to("cpu")
+        if self.ema is not None:
+            self.ema.to("cpu")
         self.optimizer = None
         self.scaler = None
         comfy.model_management.soft_empty_cache()
 
     def resume_state(self) -> dict:
         """What a resumed run needs besides the LoRA weights: plain values and tensors only."""
-        return {**self._progress(), "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
+        ema = {"ema": self.ema.state_dict()} if self.ema is not None else {}
+        return {**self._progress(), "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                **ema}
 
     def load_resume_state(self, state: dict) -> None:
         self._restore_progress(state)
         self.optimizer.load_state_dict(state["optimizer"])
         if state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
 
     def _progress(self) -> dict:
         """Where the run is: step, data position and every random generator it draws from."""
@@ -492,7 +502,7 @@ class Trainer:
         cfg = self.config
         lr = cfg.learning_rate * lr_factor(self.state.step, cfg.schedule, cfg.warmup_steps, cfg.steps)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get(LR_RATIO, 1.0)
         total = torch.zeros((), device=self.device)
         before = self._progress()
         try:
@@ -546,6 +556,10 @@ class Trainer:
             pending: list[tuple[int, torch.Tensor, float, int]] = []
             while self.state.step < self.config.steps:
                 loss = self.step()
+                # Here, not in a JobHook: the average follows every completed step, the run's last one
+                # included, after which no hook is due.
+                if self.ema is not None:
+                    self.ema.update()
                 pending.append((self.state.step, loss, self.current_lr(), self.state.samples_seen))
                 reports = []
                 if self.state.step % self.config.log_every == 0 or self.state.step == self.config.steps:

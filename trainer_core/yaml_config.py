@@ -66,7 +66,8 @@ class ConfigFileError(ConfigError):
 @dataclass(frozen=True)
 class Key:
     """kind: int, float, bool, str, strings (list of str), resolution (int or list of ints), file,
-    folder (both must exist), path (an output location), files (list of files)."""
+    folder (both must exist), path (an output location), files (list of files), section (a mapping of
+    the keys in `keys`, e.g. ai-toolkit's train.ema_config)."""
 
     kind: str
     default: object = REQUIRED
@@ -74,6 +75,7 @@ class Key:
     aliases: tuple[str, ...] = ()
     minimum: float | None = None
     maximum: float | None = None
+    keys: dict | None = None
 
 
 MODEL = {
@@ -119,6 +121,10 @@ TRAIN = {
     "diff_output_preservation": Key("bool", False),
     "diff_output_preservation_class": Key("str", "person"),
     "diff_output_preservation_multiplier": Key("float", 1.0),
+    "validation_every": Key("int", 0, minimum=0),
+    "loraplus_lr_ratio": Key("float", 1.0),
+    # ai-toolkit's EMA settings; use_ema false leaves ema_decay unused.
+    "ema_config": Key("section", keys={"use_ema": Key("bool", False), "ema_decay": Key("float", 0.999)}),
 }
 DATASET = {
     "folder_path": Key("folder"),
@@ -135,6 +141,8 @@ DATASET = {
     "alpha_mask": Key("bool", False),
     "is_reg": Key("bool", False),
     "loss_multiplier": Key("float", 1.0),
+    "validation_split": Key("float", 0.0),
+    "validation_folder": Key("folder", ""),
 }
 SAMPLE = {
     "sample_every": Key("int", 250, minimum=0),
@@ -358,6 +366,13 @@ class _Reader:
             given = [n for n in (name, *key.aliases) if n in items and items[n][1].tag != "tag:yaml.org,2002:null"]
             if len(given) > 1:
                 raise self.fail(items[given[1]][0], written + given[1], f"is the same setting as {written}{given[0]}")
+            if key.kind == "section":
+                key_node, section = items[given[0]] if given else (node, None)
+                if given:
+                    self.config.origins[canonical + name] = (written + name, key_node.start_mark.line + 1)
+                values[name] = self.read_keys(key_node, self.mapping(section, written + name) if given else {},
+                                              key.keys, written + name + ".", canonical + name + ".")
+                continue
             if not given:
                 if key.default is REQUIRED:
                     raise self.fail(node, written + name, "missing: this key is required")

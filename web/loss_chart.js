@@ -1,9 +1,11 @@
 // A loss chart drawn on a canvas: the raw values faint, an exponential moving average on top,
-// step on x, loss on y (linear or log). No library: a line chart this small is not worth a vendor.
+// step on x, loss on y (linear or log), and the validation loss (a held-out set's, every few steps)
+// as a second line with a dot at each evaluation. No library: a line chart this small is not worth a vendor.
 
 const SMOOTHING = 0.9;
 const MARGIN = { left: 52, right: 10, top: 10, bottom: 22 };
-const COLORS = { raw: "rgba(110, 170, 255, 0.35)", smooth: "#6eaaff", grid: "rgba(128, 128, 128, 0.25)" };
+const COLORS = { raw: "rgba(110, 170, 255, 0.35)", smooth: "#6eaaff", validation: "#ffa94d",
+  grid: "rgba(128, 128, 128, 0.25)" };
 
 // EMA with the start-up bias removed, so the first points are not pulled toward zero.
 export function smoothed(values, weight = SMOOTHING) {
@@ -27,12 +29,15 @@ export class LossChart {
     this.canvas = canvas;
     this.steps = [];
     this.losses = [];
+    this.validation = { step: [], loss: [] };
     this.logScale = false;
   }
 
-  setData(steps, losses) {
+  // `validation`: {step, loss} of the validation loss's evaluations (empty without a held-out set).
+  setData(steps, losses, validation = { step: [], loss: [] }) {
     this.steps = steps;
     this.losses = losses;
+    this.validation = validation;
     this.draw();
   }
 
@@ -62,11 +67,13 @@ export class LossChart {
     const steps = usable.map(([step]) => step);
     const raw = usable.map(([, loss]) => loss);
     const smooth = smoothed(raw);
+    const validated = this.validation.loss.map((loss, i) => [this.validation.step[i], loss])
+      .filter(([, loss]) => Number.isFinite(loss) && (!this.logScale || loss > 0));
     const toY = this.logScale ? Math.log10 : (v) => v;
     // A loop, not Math.min(...): a long run has more points than a call takes arguments.
     let low = Infinity;
     let high = -Infinity;
-    for (const value of raw) {
+    for (const value of [...raw, ...validated.map(([, loss]) => loss)]) {
       low = Math.min(low, toY(value));
       high = Math.max(high, toY(value));
     }
@@ -75,7 +82,8 @@ export class LossChart {
       high += 0.5;
     }
     const first = steps[0];
-    const last = Math.max(steps[steps.length - 1], first + 1);
+    // A validation at the end of a run may come after the last logged step.
+    const last = Math.max(steps[steps.length - 1], first + 1, ...validated.map(([step]) => step));
     const plotWidth = width - MARGIN.left - MARGIN.right;
     const plotHeight = height - MARGIN.top - MARGIN.bottom;
     const x = (step) => MARGIN.left + ((step - first) / (last - first)) * plotWidth;
@@ -118,5 +126,19 @@ export class LossChart {
     };
     line(raw, COLORS.raw, 1);
     line(smooth, COLORS.smooth, 2);
+    // Evaluations are few (every N steps): every one is drawn, joined by a line.
+    if (validated.length) {
+      context.strokeStyle = COLORS.validation;
+      context.fillStyle = COLORS.validation;
+      context.lineWidth = 2;
+      context.beginPath();
+      validated.forEach(([step, loss], i) => (i ? context.lineTo(x(step), y(loss)) : context.moveTo(x(step), y(loss))));
+      context.stroke();
+      for (const [step, loss] of validated) {
+        context.beginPath();
+        context.arc(x(step), y(loss), 2.5, 0, 2 * Math.PI);
+        context.fill();
+      }
+    }
   }
 }

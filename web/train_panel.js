@@ -1,4 +1,5 @@
-// The live training panel on the Train LoRA node: loss chart, learning rate, step, speed, ETA, peak VRAM
+// The live training panel on the Train LoRA node: loss chart (with the validation loss where the dataset holds
+// images out), learning rate, step, speed, ETA, peak VRAM
 // (on CUDA), the newest sample images, and the Save now / Stop and save actions. It follows the pack's
 // websocket events (`lora_trainer.*`) and, when a page opens or reloads, redraws from /lora_trainer/status.
 
@@ -8,7 +9,7 @@ import { LossChart, smoothed } from "./loss_chart.js";
 
 const NODE_TYPE = "LoraTrainer_TrainLoRA";
 const WIDGET_NAME = "lora_trainer_panel";
-const EVENT_KINDS = ["started", "step", "sample", "saved", "done", "error"];
+const EVENT_KINDS = ["started", "step", "validation", "sample", "saved", "done", "error"];
 const COMPILING = "compiling the model's blocks: the first step takes a minute or two";
 const STRIP_LENGTH = 8;
 const PANEL_HEIGHT = 360;
@@ -91,9 +92,11 @@ class TrainPanel {
     const [eta, etaCell] = stat("ETA");
     const [peak, peakCell] = stat("peak VRAM");
     const [swapped, swappedCell] = stat("blocks swapped");
-    this.fields = { step, loss, smooth, lr, speed, eta, peak, swapped };
+    const [validation, validationCell] = stat("validation");
+    this.fields = { step, loss, smooth, lr, speed, eta, peak, swapped, validation };
     this.peakCell = peakCell;
     this.swappedCell = swappedCell;
+    this.validationCell = validationCell;
     this.canvas = element("canvas", { className: "lora-chart" });
     this.chart = new LossChart(this.canvas);
     this.logToggle = element("input", { type: "checkbox", title: "Logarithmic loss axis" });
@@ -109,7 +112,7 @@ class TrainPanel {
     this.strip = element("div", { className: "lora-strip" });
     this.message = element("div", { className: "lora-message" });
     this.root = element("div", { className: "lora-panel" }, [
-      element("div", { className: "lora-stats" }, [stepCell, lossCell, smoothCell, lrCell, speedCell, etaCell, peakCell, swappedCell]),
+      element("div", { className: "lora-stats" }, [stepCell, lossCell, smoothCell, lrCell, speedCell, etaCell, validationCell, peakCell, swappedCell]),
       this.canvas,
       element("div", { className: "lora-row" }, [
         element("label", {}, [this.logToggle, " log"]), this.statusLine, this.saveButton, this.stopButton,
@@ -126,6 +129,7 @@ class TrainPanel {
     this.status = null;
     this.total = 0;
     this.history = { step: [], loss: [], lr: [] };
+    this.validation = { step: [], loss: [] };
     this.rates = {};
     this.samples = [];
   }
@@ -136,7 +140,10 @@ class TrainPanel {
     this.reset(run.run_id);
     this.status = run.status;
     this.total = run.total_steps;
-    this.history = run.history;
+    const { validation, ...history } = run.history;
+    this.history = history;
+    // A server from before validation losses sends none.
+    this.validation = validation ?? { step: [], loss: [] };
     this.rates = run;
     this.samples = run.samples.filter((s) => s.image);
     this.message.textContent = run.error ?? (run.compiling ? COMPILING : "");
@@ -168,6 +175,9 @@ class TrainPanel {
       this.total = data.total_steps;
       for (const key of Object.keys(this.history)) this.history[key].push(data[key]);
       this.rates = data;
+    } else if (kind === "validation") {
+      this.validation.step.push(data.step);
+      this.validation.loss.push(data.validation_loss);
     } else if (kind === "sample") {
       data.images.forEach((image, i) => {
         if (image) this.samples.push({ step: data.step, prompt: data.prompts[i], image });
@@ -224,6 +234,10 @@ class TrainPanel {
     const speed = this.rates.images_per_second;
     f.speed.textContent = speed ? speed.toFixed(2) : "–";
     f.eta.textContent = this.status === "running" ? formatDuration(this.rates.eta_seconds) : "–";
+    const validated = this.validation.loss.length;
+    const lastValidation = validated ? this.validation.loss[validated - 1] : null;
+    f.validation.textContent = lastValidation === null ? "–" : lastValidation.toPrecision(4);
+    this.validationCell.hidden = !validated;
     const peak = formatMemory(this.rates.peak_vram_bytes);
     f.peak.textContent = peak;
     this.peakCell.hidden = !peak;
@@ -235,12 +249,13 @@ class TrainPanel {
     const running = this.status === "running";
     this.saveButton.disabled = !running;
     this.stopButton.disabled = !running;
-    this.chart.setData(step, loss);
+    this.chart.setData(step, loss, this.validation);
     this.renderStrip();
     // For scripts and tests that read the panel.
     Object.assign(this.root.dataset, {
       runId: this.runId ?? "", status: this.status ?? "", points: String(count), lastLoss: last === null ? "" : String(last),
       samples: String(this.samples.length), peakVram: peak, blocksSwapped: swapped ? String(swapped) : "",
+      validationPoints: String(validated), lastValidationLoss: lastValidation === null ? "" : String(lastValidation),
     });
   }
 
