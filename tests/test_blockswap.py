@@ -9,6 +9,7 @@ need CUDA, are not exercised (bench/blockswap.py measures them on the GPU).
 
 import copy
 import logging
+from types import SimpleNamespace
 
 import comfy.model_management
 import comfy.sample
@@ -30,7 +31,7 @@ from tiny_models import (
 )
 
 import trainer_core.trainer
-from trainer_core import blockswap, cli, comfy_compat
+from trainer_core import blockswap, cli, comfy_compat, sampling
 from trainer_core.blockswap import (
     MemoryEstimate,
     activation_bytes,
@@ -501,3 +502,34 @@ def test_lora_train_reads_blocks_to_swap_as_a_count_or_auto_and_trains_with_it(f
         assert cli.main(["train", str(path), "--cpu"]) == 0
     assert "block swap: 1 of 2 blocks" in caplog.text
     assert list((tmp_path / "swapped" / "out" / "tiny").glob("tiny.safetensors"))
+
+
+def test_every_preview_of_a_swapped_run_the_last_included_finds_the_blocks_swapped(tmp_path, monkeypatch):
+    """The last preview, made at the last step, runs inside the training session as the others: with every block
+    back in the model ComfyUI would load all of it for the sampler (Flux fp8 with 40 of 57 blocks swapped on a
+    12 GB card, and 48 on an 8 GB one: out of memory after the last step; bench/RESULTS.md). The sampler is
+    replaced by a recorder here: only where the blocks are when it is called matters."""
+    patcher = deep_flux()
+    trainer = Trainer(patcher, fixed_samples(patcher), LoraConfig(rank=4),
+                      train_config(steps=4, gradient_checkpointing=True, blocks_to_swap=3))
+    seen = []
+
+    def record_preview(patcher, vae, encoded, settings):
+        modules = list(trainer.family.diffusion_model.modules())
+        stand_ins = sum(isinstance(m, blockswap._StandIn) for m in modules)
+        lora_hooks = sum(len(m._forward_hooks) for m in modules)
+        seen.append((trainer.state.step, stand_ins, lora_hooks))
+        return torch.zeros(1, 8, 8, 3)
+
+    monkeypatch.setattr(sampling, "sample_images", record_preview)
+    monkeypatch.setattr(sampling.comfy_compat, "unload_models", lambda models: None)
+    hook = sampling.SampleHook(SimpleNamespace(patcher=None), None, sampling.SampleSettings(("x",)), 2,
+                               tmp_path / "samples")
+    with TrainingJob(trainer, [hook]) as job:
+        events = list(job.events())
+    job.result()
+    assert [e.data["step"] for e in events if e.kind == "sample"] == [2, 4]
+    # The LoRA's hooks are on (those of the layers outside the swapped blocks, which stand-ins hide here).
+    hooks = seen[0][2]
+    assert hooks > 0 and seen == [(2, 3, hooks), (4, 3, hooks)]
+

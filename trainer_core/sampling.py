@@ -92,7 +92,13 @@ def sample_images(patcher, vae, encoded: EncodedPrompts, settings: SampleSetting
 
 class SampleHook(JobHook):
     """Periodic preview images of a run, with the LoRA as trained so far, saved as PNGs under
-    `folder` and reported as "sample" events; also once when the run finishes."""
+    `folder` and reported as "sample" events; also once at the last step of a run that finishes.
+
+    That one is made inside the training session too, as the others: the LoRA attached, and swapped
+    blocks still swapped (after the session ComfyUI would load the whole model for the sampler: Flux
+    fp8 on 8 and 12 GB cards ran out of memory there, bench/RESULTS.md)."""
+
+    at_last_step = True
 
     def __init__(self, vae, encoded: EncodedPrompts, settings: SampleSettings, every: int, folder: str | Path):
         self.vae = vae
@@ -127,11 +133,3 @@ class SampleHook(JobHook):
             files.append(str(path))
         prompts = list(self.settings.prompts)
         return [Event("sample", {"step": step, "images": images, "files": files, "prompts": prompts})]
-
-    def on_end(self, trainer, cancelled: bool) -> list[Event]:
-        if cancelled:
-            return []
-        # The training session, and with it the LoRA's hooks on the model, has ended: attach it again, or
-        # the last previews would show the model without the LoRA.
-        with trainer.network.attached(trainer.family.diffusion_model):
-            return self.on_step(trainer)
