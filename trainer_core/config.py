@@ -27,6 +27,9 @@ SAVE_DTYPES = ("bf16", "fp16", "fp32")
 MAX_LEARNING_RATE = 10.0
 # A million steps is weeks on any card; a larger count is a typo (and overflows the ETA's arithmetic).
 MAX_STEPS = 1_000_000
+# Text encoders that get a LoRA (text_encoders.py): none, every CLIP of the model (CLIP-L, and CLIP-G where it has
+# one), or the CLIPs and T5-XXL. Names are the encoders' attributes on ComfyUI's CLIP model.
+TEXT_ENCODER_PRESETS = {"none": (), "clip": ("clip_l", "clip_g"), "clip+t5": ("clip_l", "clip_g", "t5xxl")}
 # Key layouts of the LoRA file: kohya's `lora_unet_*` names, or diffusers' own (diffusers_format.py).
 SAVE_FORMATS = ("comfyui", "diffusers")
 
@@ -52,6 +55,8 @@ class LoraConfig:
     targets: str = "attention+mlp"
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    # Which text encoders also get a LoRA (TEXT_ENCODER_PRESETS); their layers follow `targets`.
+    text_encoders: str = "none"
 
     def __post_init__(self):
         owner = "lora"
@@ -60,6 +65,7 @@ class LoraConfig:
         _require(self.alpha > 0, owner, "alpha", f"must be > 0, got {self.alpha!r}")
         _require(0.0 <= self.dropout < 1.0, owner, "dropout", f"must be in [0, 1), got {self.dropout!r}")
         _one_of(owner, "targets", self.targets, TARGET_PRESETS)
+        _one_of(owner, "text_encoders", self.text_encoders, TEXT_ENCODER_PRESETS)
         for name in ("include", "exclude"):
             for pattern in getattr(self, name):
                 try:
@@ -76,11 +82,17 @@ class LoraConfig:
     def layer_kinds(self) -> tuple[str, ...]:
         return TARGET_PRESETS[self.targets]
 
+    @property
+    def trained_text_encoders(self) -> tuple[str, ...]:
+        return TEXT_ENCODER_PRESETS[self.text_encoders]
+
 
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 1000
     learning_rate: float = 1e-4
+    # Learning rate of the text encoders' LoRA (LoraConfig.text_encoders); 0 uses `learning_rate`.
+    text_encoder_lr: float = 0.0
     batch_size: int = 1
     gradient_accumulation: int = 1
     optimizer: str = "adamw"
@@ -129,6 +141,10 @@ class TrainConfig:
         lr_ok = isinstance(lr, (int, float)) and not isinstance(lr, bool) and 0 < lr <= MAX_LEARNING_RATE
         _require(lr_ok, owner, "learning_rate", f"must be a number > 0 and <= {MAX_LEARNING_RATE:g} (AdamW trains "
                  f"LoRAs at 1e-5 to 1e-3, Prodigy at 1.0), got {lr!r}")
+        te_lr = self.text_encoder_lr
+        te_lr_ok = isinstance(te_lr, (int, float)) and not isinstance(te_lr, bool) and 0 <= te_lr <= MAX_LEARNING_RATE
+        _require(te_lr_ok, owner, "text_encoder_lr", f"must be a number >= 0 and <= {MAX_LEARNING_RATE:g} (0 uses "
+                 f"learning_rate; text encoders train at 1e-5 to 5e-5 with AdamW), got {te_lr!r}")
         _require(self.warmup_steps >= 0, owner, "warmup_steps", f"must be >= 0, got {self.warmup_steps!r}")
         _require(self.max_grad_norm >= 0, owner, "max_grad_norm", "must be >= 0 (0 turns clipping off)")
         _require(self.weight_decay >= 0, owner, "weight_decay", f"must be >= 0, got {self.weight_decay!r}")
@@ -150,6 +166,10 @@ class TrainConfig:
         _require(self.logit_std > 0, owner, "logit_std", f"must be > 0, got {self.logit_std!r}")
         _require(self.noise_offset >= 0, owner, "noise_offset", f"must be >= 0, got {self.noise_offset!r}")
         _require(self.min_snr_gamma >= 0, owner, "min_snr_gamma", "must be >= 0 (0 turns the weighting off)")
+
+    @property
+    def text_encoder_learning_rate(self) -> float:
+        return self.text_encoder_lr or self.learning_rate
 
     def to_dict(self) -> dict:
         return asdict(self)

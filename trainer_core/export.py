@@ -25,7 +25,7 @@ import secrets
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -37,10 +37,11 @@ import torch
 from torch import nn
 
 from . import comfy_compat, diffusers_format
-from .config import DatasetFacts, LoraConfig, SaveConfig, TrainConfig
+from .config import ConfigError, DatasetFacts, LoraConfig, SaveConfig, TrainConfig
 from .families.base import Family
 from .job import Event, JobHook
 from .lora import LoraNetwork, lora_layer_for
+from .text_encoders import DIFFUSERS_PREFIXES, ENCODER_NAMES, KOHYA_PREFIXES
 from .trainer import Trainer
 
 try:
@@ -67,8 +68,9 @@ def kohya_name(module_path: str) -> str:
     return LORA_PREFIX + module_path.replace(".", "_")
 
 
-def lora_state_dict(network: LoraNetwork, dtype: str = "fp32") -> dict[str, torch.Tensor]:
-    """The network in kohya's key layout, on the CPU, weights in `dtype` ("fp16", "bf16", "fp32").
+def lora_state_dict(network: LoraNetwork, dtype: str = "fp32", prefix: str = LORA_PREFIX) -> dict[str, torch.Tensor]:
+    """The network in kohya's key layout, on the CPU, weights in `dtype` ("fp16", "bf16", "fp32"); `prefix`
+    is `lora_unet_` for the diffusion model, `lora_te1_` ... for a text encoder (text_encoders.KOHYA_PREFIXES).
 
     Tensors are copies: a consumer that keeps them (ComfyUI's patches) does not follow further training.
     """
@@ -76,7 +78,7 @@ def lora_state_dict(network: LoraNetwork, dtype: str = "fp32") -> dict[str, torc
         raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     tensors = {}
     for path, layer in network.items():
-        name = kohya_name(path)
+        name = prefix + path.replace(".", "_")
         if f"{name}.alpha" in tensors:
             raise ValueError(f"two layers, one of them {path!r}, have the same LoRA key {name!r}")
         tensors[f"{name}.lora_down.weight"] = layer.down.detach().to("cpu", DTYPES[dtype], copy=True).contiguous()
@@ -86,24 +88,66 @@ def lora_state_dict(network: LoraNetwork, dtype: str = "fp32") -> dict[str, torc
     return tensors
 
 
-def all_finite(network: LoraNetwork) -> bool:
-    """Whether no weight of the network is NaN or infinite (one read from the device)."""
-    return bool(torch.stack([p.detach().isfinite().all() for p in network.parameters()]).all())
+def all_finite(parameters) -> bool:
+    """Whether no weight of `parameters` (a network's, or Trainer.lora_parameters()) is NaN or infinite
+    (one read from the device)."""
+    if isinstance(parameters, nn.Module):
+        parameters = parameters.parameters()
+    return bool(torch.stack([p.detach().isfinite().all() for p in parameters]).all())
 
 
 def lora_file_tensors(trainer: Trainer, save: SaveConfig) -> dict[str, torch.Tensor]:
-    """The trained network in the key layout `save.format` names."""
+    """The trained network, and the text encoders' where they train, in the key layout `save.format` names."""
     if save.format == "diffusers":
-        return diffusers_format.lora_state_dict(trainer.network, trainer.family, DTYPES[save.dtype])
-    return lora_state_dict(trainer.network, save.dtype)
+        tensors = diffusers_format.lora_state_dict(trainer.network, trainer.family, DTYPES[save.dtype])
+        return tensors | text_encoder_diffusers_tensors(trainer, DTYPES[save.dtype])
+    return lora_state_dict(trainer.network, save.dtype) | text_encoder_tensors(trainer, save.dtype)
+
+
+def text_encoder_tensors(trainer: Trainer, dtype: str = "fp32") -> dict[str, torch.Tensor]:
+    """The text encoders' LoRA in kohya's layout (`lora_te1_…` CLIP-L, `lora_te2_…` CLIP-G, `lora_te3_…`
+    T5-XXL), as ComfyUI reads it; empty where no text encoder trains."""
+    if trainer.text_encoding is None:
+        return {}
+    tensors = {}
+    for encoder, network in trainer.text_encoding.loras.items():
+        tensors |= lora_state_dict(network, dtype, KOHYA_PREFIXES[encoder])
+    return tensors
+
+
+def check_text_encoder_format(lora: LoraConfig, save: SaveConfig) -> None:
+    """Raises ConfigError for a text encoder the save format cannot name (diffusers has no name of T5
+    that ComfyUI maps); call it before training."""
+    if save.format == "diffusers" and "t5xxl" in lora.trained_text_encoders:
+        raise ConfigError("save.format: 'diffusers' has no key names of T5-XXL that ComfyUI loads; train "
+                          "lora.text_encoders 'clip', or save in the 'comfyui' format")
+
+
+def text_encoder_diffusers_tensors(trainer: Trainer, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The CLIP encoders' LoRA as diffusers' PEFT keys (`text_encoder.<module>.lora_A.weight` / `.lora_B.weight`,
+    `text_encoder_2.` for CLIP-G); alpha / rank folded into B, as diffusers_format does for the backbone."""
+    if trainer.text_encoding is None:
+        return {}
+    tensors = {}
+    for encoder, network in trainer.text_encoding.loras.items():
+        if encoder not in DIFFUSERS_PREFIXES:
+            raise ConfigError(f"save.format: 'diffusers' has no key names of {ENCODER_NAMES[encoder]} that ComfyUI "
+                              "loads; save in the 'comfyui' format")
+        for path, layer in network.items():
+            name = DIFFUSERS_PREFIXES[encoder] + path
+            tensors[f"{name}.lora_A.weight"] = layer.down.detach().to("cpu", dtype, copy=True).contiguous()
+            tensors[f"{name}.lora_B.weight"] = (layer.up.detach() * layer.scale).to("cpu", dtype).contiguous()
+    return tensors
 
 
 def lora_metadata(
     family: Family, lora: LoraConfig, train: TrainConfig, *, name: str, steps: int, started_at: float,
     trigger_word: str = "", dataset: DatasetFacts | None = None, saved_at: float | None = None,
+    text_encoders: tuple[str, ...] = (),
 ) -> dict[str, str]:
     """The safetensors header: kohya's `ss_*` keys and the model spec's, which LoRA managers read;
-    with `dataset`, also what the LoRA was trained on (tag frequencies, image count, resolution)."""
+    with `dataset`, also what the LoRA was trained on (tag frequencies, image count, resolution);
+    `text_encoders`: the encoders whose LoRA the file holds (text_encoders.ENCODER_STREAMS' names)."""
     training_config = {"lora": asdict(lora), "train": train.to_dict()}
     saved = datetime.fromtimestamp(int(time.time() if saved_at is None else saved_at), timezone.utc)
     data = {}
@@ -123,6 +167,13 @@ def lora_metadata(
         "ss_base_model_version": family.base_model_version,
         "ss_output_name": name,
         "ss_steps": str(steps),
+        # kohya's learning-rate keys; 0 where no text encoder trained. Which encoders: ours, as Python's bool
+        # text (kohya's style) and their names.
+        "ss_learning_rate": str(train.learning_rate),
+        "ss_unet_lr": str(train.learning_rate),
+        "ss_text_encoder_lr": str(train.text_encoder_learning_rate if text_encoders else 0.0),
+        "ss_train_text_encoder": str(bool(text_encoders)),
+        "ss_text_encoders": ",".join(text_encoders),
         "ss_training_started_at": str(started_at),
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": family.modelspec_architecture,
@@ -149,7 +200,7 @@ def kohya_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> 
 
 
 def write_lora(path: str | os.PathLike, trainer: Trainer, save: SaveConfig, started_at: float) -> None:
-    if not all_finite(trainer.network):
+    if not all_finite(trainer.lora_parameters()):
         raise FloatingPointError(f"the LoRA's weights are not finite (NaN or inf) at step {trainer.state.step}; "
                                  f"{path} is not written. Lower train.learning_rate or use precision bf16/fp32")
     _write_lora_file(path, trainer, save, started_at)
@@ -160,6 +211,7 @@ def _write_lora_file(path: str | os.PathLike, trainer: Trainer, save: SaveConfig
     metadata = lora_metadata(
         trainer.family, trainer.lora_config, trainer.config, name=save.name, steps=trainer.state.step,
         started_at=started_at, trigger_word=save.trigger_word, dataset=save.dataset,
+        text_encoders=tuple(trainer.text_encoding.names) if trainer.text_encoding is not None else (),
     )
     tensors = lora_file_tensors(trainer, save)
     write_safetensors_atomic(path, tensors, metadata | kohya_hashes(tensors, metadata))
@@ -185,6 +237,16 @@ def apply_lora_to_clone(patcher, network: LoraNetwork, strength: float = 1.0):
     """A clone of `patcher` carrying the LoRA the way ComfyUI's LoRA Loader applies a file: as
     weight patches of the clone, merged when ComfyUI loads it; the cached model stays as it is."""
     patched, _ = comfy.sd.load_lora_for_models(patcher, None, lora_state_dict(network), strength, 0)
+    return patched
+
+
+def apply_text_encoder_lora_to_clone(clip, trainer: Trainer, strength: float = 1.0):
+    """A clone of `clip` carrying the trained text encoders' LoRA as ComfyUI's LoRA Loader applies it; a
+    plain clone where no text encoder trained."""
+    tensors = text_encoder_tensors(trainer)
+    if not tensors:
+        return clip.clone()
+    _, patched = comfy.sd.load_lora_for_models(None, clip, tensors, 0, strength)
     return patched
 
 
@@ -439,7 +501,8 @@ def run_settings(trainer: Trainer) -> dict:
     """What a checkpoint must match to resume into `trainer`: the weights' model and shapes, the
     optimizer's state layout and the gradient scaler's (fp16)."""
     return {"model": trainer.family.base_model_version, "rank": trainer.lora_config.rank,
-            "optimizer": trainer.config.optimizer, "precision": trainer.config.precision}
+            "optimizer": trainer.config.optimizer, "precision": trainer.config.precision,
+            "text_encoders": trainer.lora_config.text_encoders}
 
 
 def save_checkpoint(trainer: Trainer, save: SaveConfig, started_at: float, run_id: str) -> Path:
@@ -474,7 +537,7 @@ def save_checkpoint(trainer: Trainer, save: SaveConfig, started_at: float, run_i
 
 
 def _refuse_non_finite(trainer: Trainer, root: Path, run_id: str) -> None:
-    if all_finite(trainer.network):
+    if all_finite(trainer.lora_parameters()):
         return
     good = own_checkpoints(root, run_id)
     kept = f"the last good checkpoint, {good[0]}, is kept" if good else "no earlier checkpoint of this run was saved"
@@ -636,8 +699,9 @@ def _check_fits(trainer: Trainer, checkpoint: Checkpoint) -> None:
     if checkpoint.settings is not None:
         wanted = run_settings(trainer)
         for key, field in (("model", None), ("rank", "lora.rank"), ("optimizer", "train.optimizer"),
-                           ("precision", "train.precision")):
-            theirs, ours = checkpoint.settings.get(key), wanted[key]
+                           ("precision", "train.precision"), ("text_encoders", "lora.text_encoders")):
+            # Checkpoints from before text-encoder training trained none.
+            theirs, ours = checkpoint.settings.get(key, "none" if key == "text_encoders" else None), wanted[key]
             if theirs == ours:
                 continue
             if field is None:
@@ -779,6 +843,8 @@ class LayerWeights:
 class LoraFile:
     layers: dict[str, LayerWeights]  # by kohya layer name, "lora_unet_..."
     metadata: dict[str, str]
+    # The text encoders' layers, by kohya layer name ("lora_te1_...", see text_encoders.KOHYA_PREFIXES).
+    text_layers: dict[str, LayerWeights] = field(default_factory=dict)
 
     @property
     def rank(self) -> int:
@@ -799,29 +865,31 @@ LAYER_PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
 
 
 def load_lora_file(path: str | os.PathLike) -> LoraFile:
-    """Reads a kohya-style LoRA of the diffusion model (ours, or any that uses the same keys); weights as fp32."""
+    """Reads a kohya-style LoRA of the diffusion model and its text encoders (ours, or any that uses the same
+    keys); weights as fp32."""
     groups: dict[str, dict[str, torch.Tensor]] = {}
+    prefixes = (LORA_PREFIX, *KOHYA_PREFIXES.values())
     with safetensors.safe_open(str(path), framework="pt") as file:
         metadata = file.metadata() or {}
         for key in file.keys():
             layer, _, part = key.partition(".")
-            if not layer.startswith(LORA_PREFIX) or part not in LAYER_PARTS:
+            if not layer.startswith(prefixes) or part not in LAYER_PARTS:
                 raise ValueError(
-                    f"{path}: {key!r} is not a key of a kohya-style LoRA of the diffusion model "
-                    "(lora_unet_*.lora_down.weight / .lora_up.weight / .alpha)"
+                    f"{path}: {key!r} is not a key of a kohya-style LoRA (lora_unet_* / lora_te1_* / lora_te2_* / "
+                    "lora_te3_* + .lora_down.weight / .lora_up.weight / .alpha)"
                 )
             groups.setdefault(layer, {})[part] = file.get_tensor(key)
-    layers = {}
+    layers, text_layers = {}, {}
     for name, parts in groups.items():
         if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
             raise ValueError(f"{path}: layer {name} lacks its lora_down or lora_up weight")
         down, up = parts["lora_down.weight"].float(), parts["lora_up.weight"].float()
         # Without alpha, ComfyUI scales by 1.0, i.e. alpha = rank.
         alpha = float(parts["alpha"]) if "alpha" in parts else float(down.shape[0])
-        layers[name] = LayerWeights(down, up, alpha)
+        (layers if name.startswith(LORA_PREFIX) else text_layers)[name] = LayerWeights(down, up, alpha)
     if not layers:
-        raise ValueError(f"{path} holds no LoRA layers")
-    return LoraFile(layers, metadata)
+        raise ValueError(f"{path} holds no LoRA layers of the diffusion model")
+    return LoraFile(layers, metadata, text_layers)
 
 
 def network_from_lora(lora: LoraFile, diffusion_model: nn.Module, dropout: float = 0.0) -> LoraNetwork:
