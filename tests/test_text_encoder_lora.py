@@ -1,0 +1,217 @@
+"""Text-encoder LoRA: CLIP-L (real size), CLIP-G and T5 (small, tests/tiny_encoders.py) trained with the
+diffusion model's LoRA, written in the keys ComfyUI's LoRA Loader reads, resumed bit-exactly, and handed on as
+Train LoRA's CLIP."""
+
+import logging
+
+import comfy.sd
+import numpy as np
+import pytest
+import safetensors
+import torch
+from PIL import Image
+from tiny_encoders import LATENT_CHANNELS, build_clip, build_fp32_clip, build_vae
+from tiny_models import MODEL_FACTORIES
+
+from trainer_core import export
+from trainer_core.config import ConfigError, LoraConfig, SaveConfig, TrainConfig
+from trainer_core.data import DatasetConfig, build_samples
+from trainer_core.job import TrainingJob
+from trainer_core.text_encoders import CaptionEncoding
+from trainer_core.trainer import Trainer
+
+MODELS = {"sdxl": "sdxl_eps", "sd3": "sd3", "flux": "flux_dev"}
+# What each family's text_encoders setting trains, and the file's prefix for each encoder.
+CASES = [("sdxl", "clip", ("clip_l", "clip_g")), ("sd3", "clip+t5", ("clip_l", "clip_g", "t5xxl")),
+         ("flux", "clip+t5", ("clip_l", "t5xxl")), ("flux", "clip", ("clip_l",))]
+PREFIXES = {"clip_l": "lora_te1_", "clip_g": "lora_te2_", "t5xxl": "lora_te3_"}
+CAPTIONS = {"red.png": "a red square, sks", "blue.png": "a (blue:1.2) circle on grass"}
+PROBE = CAPTIONS["red.png"]  # untrained encoders answer for the captions of the dataset alone
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("te_dataset")
+    for index, (name, caption) in enumerate(CAPTIONS.items()):
+        pixels = np.random.default_rng(index).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / name)
+        (root / name).with_suffix(".txt").write_text(caption)
+    return root
+
+
+def train_config(**overrides) -> TrainConfig:
+    values = dict(steps=2, learning_rate=1e-3, text_encoder_lr=1e-3, precision="fp32", gradient_checkpointing=False,
+                  weight_decay=0.0, seed=3)
+    return TrainConfig(**(values | overrides))
+
+
+def make_trainer(family, dataset, tmp_path, text_encoders="clip", lora=None, clip=None, **overrides):
+    patcher, vae = MODEL_FACTORIES[MODELS[family]](), build_vae(LATENT_CHANNELS[family])
+    clip = clip or build_clip(family)
+    samples, _ = build_samples(DatasetConfig(folder=str(dataset), resolution=64), patcher, clip, vae, tmp_path,
+                               tmp_path, train_text_encoders=True)
+    lora = lora or LoraConfig(rank=4, alpha=4.0, text_encoders=text_encoders)
+    return Trainer(patcher, samples, lora, train_config(**overrides), clip=clip), clip
+
+
+def randomize_text_loras(trainer: Trainer) -> None:
+    """B away from zero, so that the LoRA visibly changes what the encoders give."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, network in trainer.text_encoding.loras.items():
+            for _, layer in network.items():
+                layer.up.copy_(torch.randn(layer.up.shape, generator=generator) * 0.05)
+
+
+def in_training_encoding(trainer: Trainer, clip, text: str):
+    """(cond, pooled) of `text` as a training step computes them: LoRA hooked on, with gradients."""
+    with trainer.text_encoding.attached(), torch.inference_mode(False), torch.enable_grad():
+        cond, pooled = clip.cond_stage_model.encode_token_weights(clip.tokenize(text))[:2]
+    return cond.detach(), pooled.detach()
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual.float() - expected.float()).norm() / expected.float().norm())
+
+
+@pytest.mark.parametrize(("family", "text_encoders", "trained"), CASES)
+def test_comfyui_loads_every_text_encoder_key_and_reproduces_the_trained_encoders(
+        family, text_encoders, trained, dataset, tmp_path, caplog):
+    trainer, clip = make_trainer(family, dataset, tmp_path, text_encoders, clip=build_fp32_clip(family))
+    assert trainer.text_encoding.names == list(trained)
+    randomize_text_loras(trainer)
+    tensors = export.lora_state_dict(trainer.network) | export.text_encoder_tensors(trainer)
+    assert {name.split("_", 2)[0] + "_" + name.split("_", 2)[1] + "_" for name in tensors
+            if name.startswith("lora_te")} == {PREFIXES[name] for name in trained}
+
+    base_cond, base_pooled = clip.encode_from_tokens(clip.tokenize(PROBE), return_pooled=True)
+    expected_cond, expected_pooled = in_training_encoding(trainer, clip, PROBE)
+    with caplog.at_level(logging.WARNING):
+        _, patched = comfy.sd.load_lora_for_models(trainer.patcher, clip, tensors, 1.0, 1.0)
+        _, at_zero = comfy.sd.load_lora_for_models(trainer.patcher, clip, tensors, 0.0, 0.0)
+    assert not [r.getMessage() for r in caplog.records if "not loaded" in r.getMessage()]
+    cond, pooled = patched.encode_from_tokens(patched.tokenize(PROBE), return_pooled=True)
+
+    assert relative_error(cond, expected_cond) < 1e-4
+    assert relative_error(pooled, expected_pooled) < 1e-4
+    # The LoRA does change what the encoders give (the comparison above could not pass by accident) ...
+    assert relative_error(cond, base_cond) > 1e-3 or relative_error(pooled, base_pooled) > 1e-3
+    # ... and at strength 0 the CLIP is the base one.
+    zero_cond, zero_pooled = at_zero.encode_from_tokens(at_zero.tokenize(PROBE), return_pooled=True)
+    assert torch.equal(zero_cond, base_cond) and torch.equal(zero_pooled, base_pooled)
+    # The run left the shared CLIP as it found it.
+    after_cond, _ = clip.encode_from_tokens(clip.tokenize(PROBE), return_pooled=True)
+    assert torch.equal(after_cond, base_cond)
+
+
+def fixed_loss(trainer: Trainer) -> float:
+    """The loss over every sample at fixed noise and timesteps, through the encoders as they train."""
+    generator = torch.Generator().manual_seed(11)
+    total = 0.0
+    with trainer.session(), torch.no_grad():
+        for sample in trainer.samples:
+            latents = sample.latents.unsqueeze(0)
+            noise = torch.randn(latents.shape, generator=generator)
+            timesteps = (torch.tensor([400]) if trainer.family.name == "sdxl" else torch.tensor([0.6]))
+            conditioning = {k: v.unsqueeze(0) for k, v in sample.conditioning.items()}
+            total += float(trainer.loss(latents, conditioning, noise, timesteps))
+    return total / len(trainer.samples)
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_training_with_the_text_encoders_lowers_the_loss_and_changes_their_output(family, dataset, tmp_path):
+    trainer, clip = make_trainer(family, dataset, tmp_path, "clip", steps=12, learning_rate=2e-3,
+                                 text_encoder_lr=2e-3)
+    before = fixed_loss(trainer)
+    base_cond, base_pooled = clip.encode_from_tokens(clip.tokenize(CAPTIONS["red.png"]), return_pooled=True)
+    trainer.run()
+    assert fixed_loss(trainer) < before
+    # Every encoder learned (not every layer: SDXL reads CLIP-L's penultimate layer, so its last one gets no gradient).
+    assert all(any(bool(layer.up.abs().sum() > 0) for _, layer in network.items())
+               for _, network in trainer.text_encoding.loras.items())
+    patched = export.apply_text_encoder_lora_to_clone(clip, trainer)
+    cond, pooled = patched.encode_from_tokens(patched.tokenize(CAPTIONS["red.png"]), return_pooled=True)
+    assert relative_error(cond, base_cond) > 1e-6 or relative_error(pooled, base_pooled) > 1e-6
+
+
+def test_the_text_encoders_train_at_their_own_learning_rate(dataset, tmp_path):
+    trainer, _ = make_trainer("sdxl", dataset, tmp_path, "clip", steps=3, learning_rate=1e-3, text_encoder_lr=2e-5,
+                              schedule="linear")
+    lrs = []
+    trainer.run(lambda t, reports: lrs.append([g["lr"] for g in t.optimizer.param_groups]))
+    assert lrs == [[pytest.approx(1e-3 * f), pytest.approx(2e-5 * f)] for f in (1.0, 2 / 3, 1 / 3)]
+
+
+def test_resume_with_text_encoders_equals_training_straight_through(dataset, tmp_path):
+    config = dict(steps=4, optimizer="adamw8bit", schedule="cosine", warmup_steps=1, text_encoder_lr=5e-4)
+    straight, _ = make_trainer("sd3", dataset, tmp_path, "clip+t5", **config)
+    straight.run()
+
+    save = SaveConfig(name="te-resume", every=2, output_dir=str(tmp_path))
+    first, _ = make_trainer("sd3", dataset, tmp_path, "clip+t5", **config)
+    first.run(lambda trainer, reports: trainer.state.step < 2)
+    folder = export.save_checkpoint(first, save, 0.0, "run-1")
+    second, _ = make_trainer("sd3", dataset, tmp_path, "clip+t5", **config)
+    export.resume(second, folder)
+    second.run()
+    for ours, theirs in ((second.network, straight.network),
+                         (second.text_encoding.loras, straight.text_encoding.loras)):
+        expected = theirs.state_dict()
+        assert all(torch.equal(value, expected[key]) for key, value in ours.state_dict().items())
+
+    # A checkpoint of a run without text encoders is refused by one that trains them, naming the setting.
+    without, _ = make_trainer("sd3", dataset, tmp_path, "none", **config)
+    with pytest.raises(export.CheckpointError, match="lora.text_encoders"):
+        export.resume(without, folder)
+
+
+def test_the_lora_file_holds_the_text_encoders_and_says_so(dataset, tmp_path):
+    trainer, _ = make_trainer("sdxl", dataset, tmp_path, "clip", text_encoder_lr=3e-5)
+    trainer.run()
+    path = tmp_path / "te.safetensors"
+    export.write_lora(path, trainer, SaveConfig(name="te"), 0.0)
+    with safetensors.safe_open(str(path), framework="pt") as file:
+        metadata = file.metadata()
+    assert metadata["ss_train_text_encoder"] == "True" and metadata["ss_text_encoders"] == "clip_l,clip_g"
+    assert float(metadata["ss_text_encoder_lr"]) == 3e-5 and float(metadata["ss_unet_lr"]) == 1e-3
+    read = export.load_lora_file(path)
+    assert {name[:9] for name in read.text_layers} == {"lora_te1_", "lora_te2_"}
+    layer = "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"
+    network = trainer.text_encoding.loras.networks["clip_l"]
+    assert torch.equal(read.text_layers[layer].down,
+                       network.layers["text_model/encoder/layers/0/self_attn/q_proj"].down.detach().bfloat16().float())
+
+    diffusers = tmp_path / "te_diffusers.safetensors"
+    export.write_lora(diffusers, trainer, SaveConfig(name="te", format="diffusers"), 0.0)
+    with safetensors.safe_open(str(diffusers), framework="pt") as file:
+        keys = list(file.keys())
+    assert "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight" in keys
+    assert "text_encoder_2.text_model.encoder.layers.0.mlp.fc2.lora_B.weight" in keys
+
+
+def test_settings_that_cannot_train_a_text_encoder_say_what_to_change(dataset, tmp_path):
+    with pytest.raises(ConfigError, match="lora.text_encoders: 'clip\\+t5' trains T5-XXL.*use 'clip'"):
+        make_trainer("sdxl", dataset, tmp_path, "clip+t5")
+    with pytest.raises(ConfigError, match="save.format: 'diffusers'.*T5-XXL"):
+        export.check_text_encoder_format(LoraConfig(text_encoders="clip+t5"), SaveConfig(format="diffusers"))
+    with pytest.raises(ConfigError, match="lora.text_encoders: 'bert'"):
+        LoraConfig(text_encoders="bert")
+    with pytest.raises(ConfigError, match="train.text_encoder_lr"):
+        TrainConfig(text_encoder_lr=-1.0)
+    patcher, clip, vae = MODEL_FACTORIES["sdxl_eps"](), build_clip("sdxl"), build_vae(4)
+    cached, _ = build_samples(DatasetConfig(folder=str(dataset), resolution=64), patcher, clip, vae, tmp_path,
+                              tmp_path)
+    with pytest.raises(ConfigError, match="train_text_encoders=True"):
+        Trainer(patcher, cached, LoraConfig(text_encoders="clip"), train_config(), clip=clip)
+
+
+def test_untrained_encoders_are_not_run_while_training(dataset, tmp_path, monkeypatch):
+    trainer, clip = make_trainer("flux", dataset, tmp_path, "clip")
+    calls = []
+    t5 = clip.cond_stage_model.t5xxl
+    monkeypatch.setattr(type(t5), "encode", lambda self, tokens: calls.append(tokens) or (_ for _ in ()).throw(
+        AssertionError("T5 ran during training")))
+    with TrainingJob(trainer) as job:
+        list(job.events())
+    job.result()
+    assert calls == [] and isinstance(trainer.text_encoding, CaptionEncoding)
