@@ -126,7 +126,8 @@ class ShardedTrainer(Trainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.rank, self.world_size = world()
-        self.buckets = GradientBuckets(list(self.network.parameters()))
+        # The text encoders' LoRA too, where it trains.
+        self.buckets = GradientBuckets(self.lora_parameters())
         self._micro_batch = 0
 
     def step(self) -> torch.Tensor:

@@ -252,11 +252,29 @@ class CaptionEncoding:
                 encoder.to(self.clip.patcher.offload_device)
 
     def _stored_output(self, name: str, pairs):
+        key = _token_key(pairs)
+        stored = self._outputs[name]
+        if key not in stored:
+            # A text that is no caption of the dataset (a preview's prompt): the encoder runs where its weights
+            # are (ComfyUI's offload device), once per text.
+            encoder = self.frozen[name]
+            with torch.no_grad():
+                stored[key] = type(encoder).encode_token_weights(encoder, pairs)
+        return stored[key]
+
+    def encode_text(self, text: str) -> list:
+        """ComfyUI's conditioning of `text` ([[cond, {"pooled_output": ...}]], as CLIPTextEncode gives) through
+        the encoders as they train, for previews during the run; without gradients or LoRA dropout."""
+        tokens = self.clip.tokenize(text)
+        was_training = self.loras.training
+        self.loras.eval()
         try:
-            return self._outputs[name][_token_key(pairs)]
-        except KeyError:
-            raise KeyError(f"{ENCODER_NAMES[name]} has no stored output for a caption of this batch; "
-                           "CaptionEncoding.prepare was not given every sample") from None
+            with torch.no_grad():
+                output = self.clip.cond_stage_model.encode_token_weights(tokens)
+        finally:
+            self.loras.train(was_training)
+        extra = output[2] if len(output) > 2 else {}
+        return [[output[0], {"pooled_output": output[1], **extra}]]
 
     def _log_cost(self) -> None:
         weights = sum(p.numel() * p.element_size() for e in self.trained.values() for p in e.parameters())
