@@ -215,3 +215,104 @@ def test_untrained_encoders_are_not_run_while_training(dataset, tmp_path, monkey
         list(job.events())
     job.result()
     assert calls == [] and isinstance(trainer.text_encoding, CaptionEncoding)
+
+
+# -- through a live ComfyUI and through lora-train -------------------------------------------------------
+
+
+def preview_nodes(key: str, model: list, clip: list) -> dict:
+    """Sample Preview of `model` with `clip` into Save Image, as nodes `<key>` and `<key>_save`."""
+    inputs = {"model": model, "clip": clip, "vae": ["loader", 2], "prompts": "a red square, sks", "seed": 1,
+              "width": 64, "height": 64, "steps": 3, "cfg": 1.0, "guidance": 0.0, "sampler": "default",
+              "scheduler": "default", "negative": ""}
+    return {key: {"class_type": "LoraTrainer_SamplePreview", "inputs": inputs},
+            f"{key}_save": {"class_type": "SaveImage", "inputs": {"images": [key, 0], "filename_prefix": key}}}
+
+
+def test_train_lora_outputs_the_clip_with_its_lora_as_comfyuis_lora_loader_applies_the_file(comfy_server):
+    from graph_data import write_dataset, write_sd3_loader_files
+    from test_graph import base_model_loader, run, training_graph, unique
+
+    write_dataset(comfy_server.input_dir / "te_dataset")
+    files = write_sd3_loader_files(comfy_server.models_dir)  # SD3 with CLIP-L alone: ComfyUI's own loaders
+    name = unique("graph-te")
+    training = training_graph(base_model_loader(files), "te_dataset", name, text_encoder_lr=5e-3, save_every=0,
+                              sample_every=0)
+    training["lora_config"]["inputs"]["text_encoders"] = "clip"
+    loader = {"model": ["loader", 0], "clip": ["loader", 1], "lora_name": ["train", 1], "strength_model": 1.0,
+              "strength_clip": 1.0}
+    graph = (training | {"lora": {"class_type": "LoraLoader", "inputs": loader}}
+             | preview_nodes("from_train", ["train", 0], ["train", 3])
+             | preview_nodes("from_loader", ["lora", 0], ["lora", 1])
+             | preview_nodes("base_clip", ["train", 0], ["loader", 1]))
+    with comfy_server.events() as events:
+        _, entry = run(events, graph)
+
+    def image(node: str) -> np.ndarray:
+        (saved,) = entry["outputs"][node]["images"]
+        return np.asarray(Image.open(comfy_server.output_dir / saved["subfolder"] / saved["filename"]))
+
+    lora = safetensors.torch.load_file(str(comfy_server.models_dir / "loras" / name / f"{name}.safetensors"))
+    assert any(key.startswith("lora_te1_") for key in lora) and any(key.startswith("lora_unet_") for key in lora)
+    # Train LoRA's MODEL and CLIP give the image ComfyUI's LoRA Loader gives with the file (model and clip) ...
+    assert np.array_equal(image("from_train_save"), image("from_loader_save"))
+    # ... and the CLIP output is not the CLIP that came in: its text encoder learned.
+    assert not np.array_equal(image("from_train_save"), image("base_clip_save"))
+
+
+@pytest.fixture(scope="module")
+def cli_files(tmp_path_factory):
+    from graph_data import write_dataset, write_sd3_loader_files
+
+    root = tmp_path_factory.mktemp("te_cli")
+    write_sd3_loader_files(root / "models")
+    write_dataset(root / "data")
+    return root
+
+
+def test_lora_train_trains_the_text_encoder_from_ai_toolkits_keys(cli_files, tmp_path, caplog):
+    import yaml
+
+    from trainer_core import cli, loading
+
+    models = cli_files / "models"
+    config = {
+        "name": "te_cli", "training_folder": "out",
+        "model": {"name_or_path": str(models / "diffusion_models/tiny_sd3.safetensors"), "is_v3": True,
+                  "vae_path": str(models / "vae/tiny_vae_16ch.safetensors"),
+                  "text_encoder_paths": [str(models / "text_encoders/clip_l.safetensors")]},
+        "network": {"type": "lora", "linear": 4, "linear_alpha": 4},
+        "save": {"dtype": "float32", "save_every": 2},
+        "datasets": [{"folder_path": str(cli_files / "data"), "resolution": 64, "caption_dropout_rate": 0.0}],
+        "train": {"steps": 4, "lr": 1e-3, "train_text_encoder": True, "text_encoder_lr": 5e-3, "optimizer": "adamw",
+                  "gradient_checkpointing": False, "dtype": "fp32", "seed": 3},
+        "sample": {"sample_every": 2, "width": 64, "height": 64, "prompts": ["a red circle"], "sample_steps": 2},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    assert cli.main(["train", str(path), "--cpu"]) == 0
+    lora_path = tmp_path / "out" / "te_cli" / "te_cli.safetensors"
+    with safetensors.safe_open(str(lora_path), framework="pt") as file:
+        metadata = file.metadata()
+    assert metadata["ss_text_encoders"] == "clip_l" and float(metadata["ss_text_encoder_lr"]) == 5e-3
+    lora = safetensors.torch.load_file(str(lora_path))
+    clip = loading.load_text_encoders([str(models / "text_encoders/clip_l.safetensors")], "sd3")
+    model = comfy.sd.load_diffusion_model(str(models / "diffusion_models/tiny_sd3.safetensors"))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        _, patched = comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 1.0)
+    assert "lora key not loaded" not in caplog.text
+    tokens = clip.tokenize("a red circle")
+    assert not torch.equal(patched.encode_from_tokens(tokens), clip.encode_from_tokens(tokens))
+    assert sorted(p.name for p in (tmp_path / "out" / "te_cli" / "samples").iterdir()) == [
+        "step000002_00.png", "step000004_00.png"]
+
+    # --resume continues it (its checkpoint holds the text encoder's LoRA); a config without the switch is refused.
+    config["train"]["steps"] = 6
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    assert cli.main(["train", str(path), "--cpu", "--resume"]) == 0
+    config["train"]["train_text_encoder"] = False
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    caplog.clear()
+    assert cli.main(["train", str(path), "--cpu", "--resume"]) == 2
+    assert "lora.text_encoders" in caplog.text
