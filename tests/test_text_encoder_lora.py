@@ -17,6 +17,7 @@ from trainer_core import export
 from trainer_core.config import ConfigError, LoraConfig, SaveConfig, TrainConfig
 from trainer_core.data import DatasetConfig, build_samples
 from trainer_core.job import TrainingJob
+from trainer_core.sampling import SampleSettings, encode_prompts
 from trainer_core.text_encoders import CaptionEncoding
 from trainer_core.trainer import Trainer
 
@@ -102,6 +103,23 @@ def test_comfyui_loads_every_text_encoder_key_and_reproduces_the_trained_encoder
     # The run left the shared CLIP as it found it.
     after_cond, _ = clip.encode_from_tokens(clip.tokenize(PROBE), return_pooled=True)
     assert torch.equal(after_cond, base_cond)
+
+
+def test_previews_encode_their_prompts_through_the_encoders_as_they_train(dataset, tmp_path):
+    # Flux with CLIP-L trained: T5 is not, and a prompt that is no caption of the dataset runs it once.
+    clip = build_fp32_clip("flux")
+    trainer, _ = make_trainer("flux", dataset, tmp_path, "clip", clip=clip)
+    randomize_text_loras(trainer)
+    settings = SampleSettings(("a green triangle",), width=64, height=64).resolved(trainer.patcher)
+    with trainer.text_encoding.attached():
+        ((cond, extra),) = encode_prompts(clip, settings, trainer.text_encoding).positives[0]
+    _, patched = comfy.sd.load_lora_for_models(None, clip, export.text_encoder_tensors(trainer), 0.0, 1.0)
+    ((expected, expected_extra),) = encode_prompts(patched, settings).positives[0]
+    assert relative_error(cond, expected) < 1e-4
+    assert relative_error(extra["pooled_output"], expected_extra["pooled_output"]) < 1e-4
+    ((base, base_extra),) = encode_prompts(clip, settings).positives[0]
+    assert relative_error(extra["pooled_output"], base_extra["pooled_output"]) > 1e-3  # CLIP-L's LoRA shows
+    assert torch.equal(cond, base)  # Flux's context is T5's, which does not train here
 
 
 def fixed_loss(trainer: Trainer) -> float:
