@@ -15,7 +15,7 @@ from tiny_models import MODEL_FACTORIES
 
 from trainer_core import export
 from trainer_core.config import ConfigError, LoraConfig, SaveConfig, TrainConfig
-from trainer_core.data import DatasetConfig, build_samples
+from trainer_core.data import DatasetConfig, DatasetError, build_samples
 from trainer_core.job import TrainingJob
 from trainer_core.sampling import SampleSettings, encode_prompts
 from trainer_core.text_encoders import CaptionEncoding
@@ -217,6 +217,9 @@ def test_settings_that_cannot_train_a_text_encoder_say_what_to_change(dataset, t
     with pytest.raises(ConfigError, match="train.text_encoder_lr"):
         TrainConfig(text_encoder_lr=-1.0)
     patcher, clip, vae = MODEL_FACTORIES["sdxl_eps"](), build_clip("sdxl"), build_vae(4)
+    preserving = DatasetConfig(folder=str(dataset), resolution=64, trigger_word="sks", preservation_class="person")
+    with pytest.raises(DatasetError, match="differential output preservation cannot be combined"):
+        build_samples(preserving, patcher, clip, vae, tmp_path, tmp_path, train_text_encoders=True)
     cached, _ = build_samples(DatasetConfig(folder=str(dataset), resolution=64), patcher, clip, vae, tmp_path,
                               tmp_path)
     with pytest.raises(ConfigError, match="train_text_encoders=True"):
