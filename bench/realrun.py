@@ -32,9 +32,9 @@ What one call does, in order:
    reserved by PyTorch's allocator (exact where the phase set a new overall peak; else the largest value a
    20 ms sampler saw, marked ~) and nvidia-smi's memory.used. An out-of-memory error makes the run "did not
    fit" with its message, and the next configuration runs.
-5. Output: `<out>/realrun-<model>-<cards>-<entry>.json` (every run) and `.md` (a table to paste into
-   bench/RESULTS.md, also printed), rewritten after each run; each run's folder under `<work>/runs/` holds its
-   config or graph, its process's log, the probe's records and the run's own JSON.
+5. Output: `<out>/realrun-<model>[-te-<text encoders>]-<cards>-<entry>.json` (every run) and `.md` (a table to
+   paste into bench/RESULTS.md, also printed), rewritten after each run; each run's folder under `<work>/runs/`
+   holds its config or graph, its process's log, the probe's records and the run's own JSON.
 
 `--dop` runs each configuration twice, without and then with differential output preservation (the trigger
 word's captions also trained as "person" captions, held to the base model's prediction: two more forward passes
@@ -115,6 +115,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sample-every", type=int, default=50, help="preview every N steps (default 50)")
     parser.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (default 50)")
     parser.add_argument("--prompts", type=int, choices=(1, 2), default=1, help="sample prompts per preview")
+    parser.add_argument("--text-encoders", choices=("none", "clip", "clip+t5"), default="none",
+                        help="also train the text encoders' LoRA (LoRA Config's text_encoders; default none)")
     parser.add_argument("--weights", choices=realrun_files.WEIGHTS,
                         help="diffusion model weights: default (the release's dtype) or fp8 (file and loader in "
                              "float8_e4m3fn); default: fp8 for sd35l and flux, the release's for sdxl and sd35m")
@@ -274,7 +276,9 @@ class Bench:
         self.runs: list[dict] = []
         cards = "-".join(f"{c:g}" for c in args.card_gb)
         swap = "" if args.blocks_to_swap is None else f"-swap-{swap_text(args.blocks_to_swap)}"
-        self.name = f"realrun-{self.label}-{cards}gb-{args.entry}" + ("-dop" if args.dop else "") + swap
+        text_encoders = "" if args.text_encoders == "none" else f"-te-{args.text_encoders.replace('+', '-')}"
+        self.name = (f"realrun-{self.label}{text_encoders}-{cards}gb-{args.entry}" + ("-dop" if args.dop else "")
+                     + swap)
         self.header: dict = {}
 
     def remaining(self) -> float:
@@ -532,6 +536,7 @@ def cli_config(bench: Bench, run_dir: Path, dop: bool = False) -> str:
         "train": {"steps": args.steps} | (
             {"diff_output_preservation": True, "diff_output_preservation_class": DOP_CLASS} if dop else {}) | (
             {} if args.blocks_to_swap is None else {"blocks_to_swap": swap_text(args.blocks_to_swap)}),
+        "network": {"text_encoders": args.text_encoders},
         "save": {"save_every": args.save_every},
         "sample": {"sample_every": args.sample_every, "width": size, "height": size,
                    "prompts": list(SAMPLE_PROMPTS[:args.prompts])},
@@ -587,7 +592,8 @@ def node_graph(bench: Bench, info: dict, run_dir: Path, dop: bool = False) -> di
     return {
         "1": {"class_type": "LoraTrainer_LoadBaseModel", "inputs": load},
         "2": {"class_type": "LoraTrainer_Dataset", "inputs": dataset},
-        "3": {"class_type": "LoraTrainer_LoraConfig", "inputs": defaults_of(info["LoraTrainer_LoraConfig"])},
+        "3": {"class_type": "LoraTrainer_LoraConfig",
+              "inputs": defaults_of(info["LoraTrainer_LoraConfig"]) | {"text_encoders": args.text_encoders}},
         "4": {"class_type": "LoraTrainer_TrainLoRA", "inputs": train},
     }
 

@@ -1,6 +1,6 @@
 from comfy_api.latest import io
 
-from ..trainer_core.config import ALGORITHMS, TARGET_PRESETS, LoraConfig
+from ..trainer_core.config import ALGORITHMS, TARGET_PRESETS, TEXT_ENCODER_PRESETS, LoraConfig
 from .compat import ADVANCED
 
 CATEGORY = "LoRA Trainer"
@@ -13,7 +13,8 @@ class LoraConfigNode(io.ComfyNode):
             node_id="LoraTrainer_LoraConfig",
             display_name="LoRA Config",
             category=CATEGORY,
-            description="Shape of the LoRA to train: algorithm, rank, alpha, dropout and which layers it adapts.",
+            description="Shape of the LoRA to train: algorithm, rank, alpha, dropout, which layers it adapts and "
+                        "whether the text encoders get one too.",
             inputs=[
                 io.Int.Input("rank", default=16, min=1, max=256, tooltip="Rank of the LoRA matrices."),
                 io.Float.Input(
@@ -55,17 +56,23 @@ class LoraConfigNode(io.ComfyNode):
                     tooltip="LoKr only: keep the large Kronecker factor a full matrix instead of a rank-`rank` pair.",
                     **ADVANCED,
                 ),
+                io.Combo.Input(
+                    "text_encoders", options=list(TEXT_ENCODER_PRESETS), default="none",
+                    tooltip="Also train a LoRA on the text encoders: clip (CLIP-L, and CLIP-G for SDXL and SD 3.5) or "
+                            "clip+t5 (also T5-XXL, SD 3.5 and Flux). Captions are then encoded at every step.",
+                    optional=True,
+                ),
             ],
             outputs=[io.Custom("LORA_CONFIG").Output(display_name="lora_config")],
         )
 
     @classmethod
     def execute(cls, rank, alpha, dropout, targets, include, exclude, algorithm="lora", lokr_factor=-1,
-                lokr_full_rank=False) -> io.NodeOutput:
+                lokr_full_rank=False, text_encoders="none") -> io.NodeOutput:
         config = LoraConfig(
             rank=rank, alpha=alpha, dropout=dropout, targets=targets,
             include=_patterns(include), exclude=_patterns(exclude),
-            algorithm=algorithm, lokr_factor=lokr_factor, lokr_full_rank=lokr_full_rank,
+            algorithm=algorithm, lokr_factor=lokr_factor, lokr_full_rank=lokr_full_rank, text_encoders=text_encoders,
         )
         return io.NodeOutput(config)
 

@@ -46,7 +46,7 @@ class TrainLoraNode(io.ComfyNode):
             display_name="Train LoRA",
             category=CATEGORY,
             description="Trains a LoRA on a dataset; shows loss and samples while it runs, saves it into the loras "
-                        "folder and returns the model with the LoRA applied.",
+                        "folder and returns the model (and CLIP) with the LoRA applied.",
             is_output_node=True,
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model (ComfyUI MODEL)."),
@@ -114,6 +114,9 @@ class TrainLoraNode(io.ComfyNode):
                 io.Float.Input("loraplus_lr_ratio", default=1.0, min=0.01, max=MAX_LORAPLUS_RATIO, step=0.5,
                                tooltip="LoRA+: the up (B) matrices learn at this multiple of the learning rate "
                                        "(16 is usual); 1: off.", optional=True, **ADVANCED),
+                io.Float.Input("text_encoder_lr", default=0.0, min=0.0, max=MAX_LEARNING_RATE, step=1e-6,
+                               tooltip="Learning rate of the text encoders' LoRA (LoRA Config's text_encoders); 0 "
+                                       "uses learning_rate.", optional=True, **ADVANCED),
             ],
             hidden=[io.Hidden.unique_id],
             outputs=[
@@ -123,6 +126,8 @@ class TrainLoraNode(io.ComfyNode):
                 io.AnyType.Output(display_name="lora_name", tooltip="The file name as the LoRA Loader lists it; "
                                   "connect it to a LoRA Loader's lora_name."),
                 io.Custom("LORA_LOSS_HISTORY").Output(display_name="loss_history"),
+                io.Clip.Output(display_name="clip", tooltip="The input CLIP with the text encoders' LoRA applied "
+                               "(as it came in where LoRA Config's text_encoders is none)."),
             ],
         )
 
@@ -131,17 +136,18 @@ class TrainLoraNode(io.ComfyNode):
                 warmup_steps, batch_size, gradient_accumulation, precision, gradient_checkpointing, seed, save_every,
                 keep_last, save_dtype, sample_every, sample_prompts, sample_seed, sample_size,
                 resume_from, compile_blocks, save_format, blocks_to_swap, validation_every=0, ema_decay=0.0,
-                loraplus_lr_ratio=1.0) -> io.NodeOutput:
+                loraplus_lr_ratio=1.0, text_encoder_lr=0.0) -> io.NodeOutput:
         train = TrainConfig(
             steps=steps, learning_rate=learning_rate, optimizer=optimizer, schedule=schedule,
             warmup_steps=warmup_steps, batch_size=batch_size, gradient_accumulation=gradient_accumulation,
             precision=precision, gradient_checkpointing=gradient_checkpointing, seed=seed,
             compile_blocks=compile_blocks, blocks_to_swap=blocks_to_swap, validation_every=validation_every,
-            ema_decay=ema_decay, loraplus_lr_ratio=loraplus_lr_ratio,
+            ema_decay=ema_decay, loraplus_lr_ratio=loraplus_lr_ratio, text_encoder_lr=text_encoder_lr,
         )
         save = SaveConfig(name=output_name.strip(), dtype=save_dtype, every=save_every, keep_last=keep_last,
                           trigger_word=dataset.trigger_word, format=save_format)
         check_save_format(lora_config, save)
+        export.check_text_encoder_format(lora_config, save)
         prompts = prompt_lines(sample_prompts)
         settings = None
         if prompts:
@@ -149,9 +155,10 @@ class TrainLoraNode(io.ComfyNode):
             settings = SampleSettings(prompts, seed=sample_seed, width=sample_size, height=sample_size).resolved(model)
             encoded = encode_prompts(clip, settings)
         samples, report = build_samples(dataset, model, clip, vae, folder_paths.get_input_directory(),
-                                        folder_paths.get_output_directory())
+                                        folder_paths.get_output_directory(),
+                                        train_text_encoders=bool(lora_config.trained_text_encoders))
         save = dataclasses.replace(save, dataset=report.facts())
-        trainer = Trainer(model, samples, lora_config, train)
+        trainer = Trainer(model, samples, lora_config, train, clip=clip)
         resumed = None
         if resume_from.strip():
             # ComfyUI runs nodes under inference mode: optimizer state loaded there would be made of
@@ -162,14 +169,15 @@ class TrainLoraNode(io.ComfyNode):
         hooks = [*validation_hooks(report.validation, train), checkpoints]
         if settings is not None:
             samples_folder = export.checkpoints_folder(save).parent / "samples"
-            hooks.append(SampleHook(vae, encoded, settings, sample_every, samples_folder))
+            hooks.append(SampleHook(vae, encoded, settings, sample_every, samples_folder, clip=clip))
         job = TrainingJob(trainer, hooks)
         run = RUNS.add(RunRecord(str(cls.hidden.unique_id), save.name, steps, job,
                                  folder_paths.get_output_directory(), checkpoints))
         cls._watch(job, run)
         with ema_weights(trainer):
             trained = export.apply_lora_to_clone(model, trainer.network)
-        return io.NodeOutput(trained, run.lora_name, run.snapshot()["history"])
+            trained_clip = export.apply_text_encoder_lora_to_clone(clip, trainer)
+        return io.NodeOutput(trained, run.lora_name, run.snapshot()["history"], trained_clip)
 
     @classmethod
     def _watch(cls, job: TrainingJob, run: RunRecord):

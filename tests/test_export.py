@@ -170,6 +170,11 @@ def test_metadata(name):
         "ss_base_model_version": base_model_version,
         "ss_output_name": "my run",
         "ss_steps": "0",
+        "ss_learning_rate": "0.01",
+        "ss_unet_lr": "0.01",
+        "ss_text_encoder_lr": "0.0",  # no text encoder trained (tests/test_text_encoder_lora.py: one that did)
+        "ss_train_text_encoder": "False",
+        "ss_text_encoders": "",
         "ss_training_started_at": str(STARTED_AT),
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": architecture,

@@ -110,6 +110,14 @@ def build_clip(family: str, clip_g_width: int = DEFAULT_CLIP_G_WIDTH, t5_width: 
     return _build_clip(family, clip_g_width, _t5_width(family, t5_width))
 
 
+def build_fp32_clip(family: str) -> comfy.sd.CLIP:
+    """A fresh CLIP of `build_clip`'s files, every weight in fp32: ComfyUI merges a LoRA into the weights in their
+    own dtype, so comparisons at fp32 precision need fp32 weights. Not shared: a test may change it."""
+    clip = _build_clip.__wrapped__(family, DEFAULT_CLIP_G_WIDTH, _t5_width(family, None))
+    clip.cond_stage_model.float()
+    return clip
+
+
 def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     """Fill every parameter and buffer: ComfyUI's ops leave them `torch.empty` when built without weights."""
     generator = torch.Generator().manual_seed(seed)

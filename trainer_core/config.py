@@ -30,6 +30,9 @@ MAX_LEARNING_RATE = 10.0
 MAX_STEPS = 1_000_000
 # Adapter algorithms (lora.py): plain LoRA (LoCon on convolutions), LyCORIS' LoHa and LoKr, and DoRA.
 ALGORITHMS = ("lora", "loha", "lokr", "dora")
+# Text encoders that get a LoRA (text_encoders.py): none, every CLIP of the model (CLIP-L, and CLIP-G where it has
+# one), or the CLIPs and T5-XXL. Names are the encoders' attributes on ComfyUI's CLIP model.
+TEXT_ENCODER_PRESETS = {"none": (), "clip": ("clip_l", "clip_g"), "clip+t5": ("clip_l", "clip_g", "t5xxl")}
 # Key layouts of the LoRA file: kohya's `lora_unet_*` names, or diffusers' own (diffusers_format.py).
 SAVE_FORMATS = ("comfyui", "diffusers")
 
@@ -68,6 +71,8 @@ class LoraConfig:
     # root); `lokr_full_rank` keeps w2 a full matrix, else w2 = w2_a @ w2_b of rank `rank`.
     lokr_factor: int = -1
     lokr_full_rank: bool = False
+    # Which text encoders also get a LoRA (TEXT_ENCODER_PRESETS); their layers follow `targets`.
+    text_encoders: str = "none"
 
     def __post_init__(self):
         owner = "lora"
@@ -82,6 +87,7 @@ class LoraConfig:
         _require(self.alpha > 0, owner, "alpha", f"must be > 0, got {self.alpha!r}")
         _require(0.0 <= self.dropout < 1.0, owner, "dropout", f"must be in [0, 1), got {self.dropout!r}")
         _one_of(owner, "targets", self.targets, TARGET_PRESETS)
+        _one_of(owner, "text_encoders", self.text_encoders, TEXT_ENCODER_PRESETS)
         for name in ("include", "exclude"):
             for pattern in getattr(self, name):
                 try:
@@ -98,11 +104,17 @@ class LoraConfig:
     def layer_kinds(self) -> tuple[str, ...]:
         return TARGET_PRESETS[self.targets]
 
+    @property
+    def trained_text_encoders(self) -> tuple[str, ...]:
+        return TEXT_ENCODER_PRESETS[self.text_encoders]
+
 
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 1000
     learning_rate: float = 1e-4
+    # Learning rate of the text encoders' LoRA (LoraConfig.text_encoders); 0 uses `learning_rate`.
+    text_encoder_lr: float = 0.0
     batch_size: int = 1
     gradient_accumulation: int = 1
     optimizer: str = "adamw"
@@ -160,6 +172,10 @@ class TrainConfig:
         lr_ok = isinstance(lr, (int, float)) and not isinstance(lr, bool) and 0 < lr <= MAX_LEARNING_RATE
         _require(lr_ok, owner, "learning_rate", f"must be a number > 0 and <= {MAX_LEARNING_RATE:g} (AdamW trains "
                  f"LoRAs at 1e-5 to 1e-3, Prodigy at 1.0), got {lr!r}")
+        te_lr = self.text_encoder_lr
+        te_lr_ok = isinstance(te_lr, (int, float)) and not isinstance(te_lr, bool) and 0 <= te_lr <= MAX_LEARNING_RATE
+        _require(te_lr_ok, owner, "text_encoder_lr", f"must be a number >= 0 and <= {MAX_LEARNING_RATE:g} (0 uses "
+                 f"learning_rate; text encoders train at 1e-5 to 5e-5 with AdamW), got {te_lr!r}")
         _require(self.warmup_steps >= 0, owner, "warmup_steps", f"must be >= 0, got {self.warmup_steps!r}")
         _require(self.max_grad_norm >= 0, owner, "max_grad_norm", "must be >= 0 (0 turns clipping off)")
         _require(self.weight_decay >= 0, owner, "weight_decay", f"must be >= 0, got {self.weight_decay!r}")
@@ -194,6 +210,10 @@ class TrainConfig:
         _require(ratio == 1.0 or self.optimizer != "prodigy", owner, "loraplus_lr_ratio",
                  "prodigy estimates one learning rate for all parameters and takes no other for the up matrices: "
                  "set it to 1, or use adamw, adamw8bit or adafactor")
+
+    @property
+    def text_encoder_learning_rate(self) -> float:
+        return self.text_encoder_lr or self.learning_rate
 
     def to_dict(self) -> dict:
         return asdict(self)

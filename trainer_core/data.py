@@ -54,6 +54,7 @@ import hashlib
 import json
 import logging
 import math
+import numbers
 import os
 import random
 import re
@@ -76,6 +77,7 @@ from .config import ConfigError, DatasetFacts, TrainConfig, _require
 from .export import write_safetensors_atomic
 from .families import family_for
 from .objective import LOSS_MASK, LOSS_WEIGHT, PRESERVE, PRESERVE_WEIGHT
+from .text_encoders import SIZE, TOKENS, WEIGHTS
 from .trainer import Sample
 
 log = logging.getLogger(__name__)
@@ -663,12 +665,16 @@ def build_samples(
     vae,
     input_dir: str | os.PathLike,
     output_dir: str | os.PathLike,
+    train_text_encoders: bool = False,
 ) -> tuple[list[Sample], DatasetReport]:
     """Training samples of the dataset(s) for the model of `patcher` (a ComfyUI ModelPatcher), with
     latents from `vae` (comfy.sd.VAE) and conditioning from `clip` (comfy.sd.CLIP), read from each
     dataset's cache where present. Every caption of every dataset (and the class-word captions of
     differential output preservation) is encoded at one token length, so any two samples of a bucket
-    batch together. The VAE and text encoders are off the GPU when this returns."""
+    batch together. The VAE and text encoders are off the GPU when this returns.
+
+    With `train_text_encoders`, a sample's conditioning holds its caption's tokens and its bucket size
+    (`caption_token_tensors`) instead of embeddings: the run encodes them while it trains the encoders."""
     family = family_for(patcher.model, TrainConfig())
     model_channels = patcher.model.latent_format.latent_channels
     if vae.latent_channels != model_channels:
@@ -676,18 +682,27 @@ def build_samples(
                            "connect the VAE that belongs to the model")
     plans = [_plan(index, config, input_dir, output_dir) for index, config in enumerate(Datasets.of(datasets).members)]
     texts = sorted(set().union(*(plan.texts for plan in plans)))
+    if train_text_encoders and any(plan.preserved for plan in plans):
+        raise DatasetError("differential output preservation cannot be combined with training the text encoders "
+                           "yet: turn train.diff_output_preservation (the Dataset's preservation class) off, or "
+                           "set lora.text_encoders to 'none'")
     samples = []
     try:
         with torch.no_grad():
             images = sum(len(p.placed) * len(p.flips) + len(p.held_out) for p in plans)
             progress = comfy.utils.ProgressBar(images + len(texts))
             tokens = equal_length_tokens({text: clip.tokenize(text) for text in texts}, clip.tokenize(""))
-            encoder_key = text_encoder_fingerprint(clip)
             embeddings: dict[str, tuple] = {}
-            for plan in plans:
-                new = [text for text in sorted(plan.texts) if text not in embeddings]
-                embeddings |= _encode_captions(clip, new, tokens, encoder_key, plan, progress)
-            assemble = _SampleAssembly(patcher, family, embeddings, plans)
+            token_tensors = None
+            if train_text_encoders:
+                token_tensors = caption_token_tensors(tokens)
+                progress.update(len(texts))
+            else:
+                encoder_key = text_encoder_fingerprint(clip)
+                for plan in plans:
+                    new = [text for text in sorted(plan.texts) if text not in embeddings]
+                    embeddings |= _encode_captions(clip, new, tokens, encoder_key, plan, progress)
+            assemble = _SampleAssembly(patcher, family, embeddings, plans, token_tensors)
             for plan in plans:
                 raw_latents = _encode_images(vae, plan.placed, plan.flips, plan, progress)
                 samples += assemble.samples(plan, raw_latents)
@@ -705,10 +720,13 @@ class _SampleAssembly:
     a mask where any dataset has masks (all ones for images without), a loss weight where any dataset's
     is not 1, and the class-word conditioning where any dataset preserves a class."""
 
-    def __init__(self, patcher, family, embeddings: dict[str, tuple], plans: list[_Plan]):
+    def __init__(self, patcher, family, embeddings: dict[str, tuple], plans: list[_Plan],
+                 token_tensors: dict[str, dict[str, torch.Tensor]] | None = None):
         self.patcher = patcher
         self.family = family
         self.embeddings = embeddings
+        # Where the run trains text encoders: each caption's tokens instead of its embeddings.
+        self.token_tensors = token_tensors
         self.masks = any(p.mask_dir is not None or p.config.alpha_mask for p in plans)
         self.weights = any(p.config.loss_weight != 1.0 for p in plans)
         self.preserves = any(p.preserved for p in plans)
@@ -761,7 +779,10 @@ class _SampleAssembly:
 
     def _family_conditioning(self, text: str, bucket) -> dict[str, torch.Tensor]:
         if (text, bucket) not in self._conditionings:
-            self._conditionings[text, bucket] = self.family.conditioning(*self.embeddings[text], *bucket)
+            if self.token_tensors is not None:
+                self._conditionings[text, bucket] = {**self.token_tensors[text], SIZE: torch.tensor(bucket)}
+            else:
+                self._conditionings[text, bucket] = self.family.conditioning(*self.embeddings[text], *bucket)
         return self._conditionings[text, bucket]
 
     def _scalar(self, value: float) -> torch.Tensor:
@@ -791,6 +812,24 @@ def _encode_images(vae, placed, flips, plan: _Plan, progress) -> dict[tuple[str,
     plan.report.latents_cached += cache.hits
     plan.report.latents_encoded += cache.misses
     return latents
+
+
+def caption_token_tensors(tokens: dict[str, dict]) -> dict[str, dict[str, torch.Tensor]]:
+    """Each caption's tokens (`equal_length_tokens` output) as a run that trains text encoders keeps them: per
+    stream, token ids (chunks, length) and their weights, in float64 so that every weight comes back as the
+    float ComfyUI parsed."""
+    tensors = {}
+    for text, streams in tokens.items():
+        entry = {}
+        for stream, chunks in streams.items():
+            if not all(isinstance(pair[0], numbers.Integral) for chunk in chunks for pair in chunk):
+                raise DatasetError(f"the caption {text[:80]!r} uses an embedding (textual inversion), which a run "
+                                   "that trains the text encoders cannot encode: write it out in words")
+            entry[TOKENS + stream] = torch.tensor([[pair[0] for pair in chunk] for chunk in chunks])
+            entry[WEIGHTS + stream] = torch.tensor([[float(pair[1]) for pair in chunk] for chunk in chunks],
+                                                   dtype=torch.float64)
+        tensors[text] = entry
+    return tensors
 
 
 def _encode_captions(clip, texts: list[str], tokens: dict[str, dict], encoder_key: str, plan: _Plan,

@@ -126,7 +126,10 @@ class ShardedTrainer(Trainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.rank, self.world_size = world()
-        self.buckets = GradientBuckets(list(self.network.parameters()))
+        # Buckets follow the parameters in reverse, and backward reaches the text encoders' LoRA (where it
+        # trains) after the diffusion model's: theirs go first here, so they come last.
+        text = list(self.text_encoding.loras.parameters()) if self.text_encoding is not None else []
+        self.buckets = GradientBuckets([*text, *self.network.parameters()])
         self._micro_batch = 0
 
     def step(self) -> torch.Tensor:

@@ -25,7 +25,7 @@ import secrets
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -37,11 +37,12 @@ import torch
 from torch import nn
 
 from . import comfy_compat, diffusers_format
-from .config import DatasetFacts, LoraConfig, SaveConfig, TrainConfig, check_save_format
+from .config import ConfigError, DatasetFacts, LoraConfig, SaveConfig, TrainConfig, check_save_format
 from .ema import ema_weights
 from .families.base import Family
 from .job import Event, JobHook
 from .lora import LoraNetwork, lora_layer_for
+from .text_encoders import DIFFUSERS_PREFIXES, ENCODER_NAMES, KOHYA_PREFIXES
 from .trainer import Trainer
 
 try:
@@ -68,9 +69,10 @@ def kohya_name(module_path: str) -> str:
     return LORA_PREFIX + module_path.replace(".", "_")
 
 
-def lora_state_dict(network: LoraNetwork, dtype: str = "fp32") -> dict[str, torch.Tensor]:
+def lora_state_dict(network: LoraNetwork, dtype: str = "fp32", prefix: str = LORA_PREFIX) -> dict[str, torch.Tensor]:
     """The network in kohya's key layout (LyCORIS' suffixes for LoHa, LoKr and DoRA), on the CPU, weights
-    in `dtype` ("fp16", "bf16", "fp32").
+    in `dtype` ("fp16", "bf16", "fp32"); `prefix` is `lora_unet_` for the diffusion model, `lora_te1_` ... for
+    a text encoder (text_encoders.KOHYA_PREFIXES).
 
     Tensors are copies: a consumer that keeps them (ComfyUI's patches) does not follow further training.
     """
@@ -78,7 +80,7 @@ def lora_state_dict(network: LoraNetwork, dtype: str = "fp32") -> dict[str, torc
         raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     tensors = {}
     for path, layer in network.items():
-        name = kohya_name(path)
+        name = prefix + path.replace(".", "_")
         if f"{name}.alpha" in tensors:
             raise ValueError(f"two layers, one of them {path!r}, have the same LoRA key {name!r}")
         for suffix, tensor in layer.file_tensors().items():
@@ -88,25 +90,67 @@ def lora_state_dict(network: LoraNetwork, dtype: str = "fp32") -> dict[str, torc
     return tensors
 
 
-def all_finite(network: LoraNetwork) -> bool:
-    """Whether no weight of the network is NaN or infinite (one read from the device)."""
-    return bool(torch.stack([p.detach().isfinite().all() for p in network.parameters()]).all())
+def all_finite(parameters) -> bool:
+    """Whether no weight of `parameters` (a network's, or Trainer.lora_parameters()) is NaN or infinite
+    (one read from the device)."""
+    if isinstance(parameters, nn.Module):
+        parameters = parameters.parameters()
+    return bool(torch.stack([p.detach().isfinite().all() for p in parameters]).all())
 
 
 def lora_file_tensors(trainer: Trainer, save: SaveConfig) -> dict[str, torch.Tensor]:
-    """The trained network in the key layout `save.format` names."""
+    """The trained network, and the text encoders' where they train, in the key layout `save.format` names."""
     if save.format == "diffusers":
         check_save_format(trainer.lora_config, save)  # the nodes and lora-train check it before training
-        return diffusers_format.lora_state_dict(trainer.network, trainer.family, DTYPES[save.dtype])
-    return lora_state_dict(trainer.network, save.dtype)
+        tensors = diffusers_format.lora_state_dict(trainer.network, trainer.family, DTYPES[save.dtype])
+        return tensors | text_encoder_diffusers_tensors(trainer, DTYPES[save.dtype])
+    return lora_state_dict(trainer.network, save.dtype) | text_encoder_tensors(trainer, save.dtype)
+
+
+def text_encoder_tensors(trainer: Trainer, dtype: str = "fp32") -> dict[str, torch.Tensor]:
+    """The text encoders' LoRA in kohya's layout (`lora_te1_…` CLIP-L, `lora_te2_…` CLIP-G, `lora_te3_…`
+    T5-XXL), as ComfyUI reads it; empty where no text encoder trains."""
+    if trainer.text_encoding is None:
+        return {}
+    tensors = {}
+    for encoder, network in trainer.text_encoding.loras.items():
+        tensors |= lora_state_dict(network, dtype, KOHYA_PREFIXES[encoder])
+    return tensors
+
+
+def check_text_encoder_format(lora: LoraConfig, save: SaveConfig) -> None:
+    """Raises ConfigError for a text encoder the save format cannot name (diffusers has no name of T5
+    that ComfyUI maps); call it before training."""
+    if save.format == "diffusers" and "t5xxl" in lora.trained_text_encoders:
+        raise ConfigError("save.format: 'diffusers' has no key names of T5-XXL that ComfyUI loads; train "
+                          "lora.text_encoders 'clip', or save in the 'comfyui' format")
+
+
+def text_encoder_diffusers_tensors(trainer: Trainer, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The CLIP encoders' LoRA as diffusers' PEFT keys (`text_encoder.<module>.lora_A.weight` / `.lora_B.weight`,
+    `text_encoder_2.` for CLIP-G); alpha / rank folded into B, as diffusers_format does for the backbone."""
+    if trainer.text_encoding is None:
+        return {}
+    tensors = {}
+    for encoder, network in trainer.text_encoding.loras.items():
+        if encoder not in DIFFUSERS_PREFIXES:
+            raise ConfigError(f"save.format: 'diffusers' has no key names of {ENCODER_NAMES[encoder]} that ComfyUI "
+                              "loads; save in the 'comfyui' format")
+        for path, layer in network.items():
+            name = DIFFUSERS_PREFIXES[encoder] + path
+            tensors[f"{name}.lora_A.weight"] = layer.down.detach().to("cpu", dtype, copy=True).contiguous()
+            tensors[f"{name}.lora_B.weight"] = (layer.up.detach() * layer.scale).to("cpu", dtype).contiguous()
+    return tensors
 
 
 def lora_metadata(
     family: Family, lora: LoraConfig, train: TrainConfig, *, name: str, steps: int, started_at: float,
     trigger_word: str = "", dataset: DatasetFacts | None = None, saved_at: float | None = None,
+    text_encoders: tuple[str, ...] = (),
 ) -> dict[str, str]:
     """The safetensors header: kohya's `ss_*` keys and the model spec's, which LoRA managers read;
-    with `dataset`, also what the LoRA was trained on (tag frequencies, image count, resolution)."""
+    with `dataset`, also what the LoRA was trained on (tag frequencies, image count, resolution);
+    `text_encoders`: the encoders whose LoRA the file holds (text_encoders.ENCODER_STREAMS' names)."""
     training_config = {"lora": asdict(lora), "train": train.to_dict()}
     saved = datetime.fromtimestamp(int(time.time() if saved_at is None else saved_at), timezone.utc)
     data = {}
@@ -125,6 +169,13 @@ def lora_metadata(
         "ss_base_model_version": family.base_model_version,
         "ss_output_name": name,
         "ss_steps": str(steps),
+        # kohya's learning-rate keys; 0 where no text encoder trained. Which encoders: ours, as Python's bool
+        # text (kohya's style) and their names.
+        "ss_learning_rate": str(train.learning_rate),
+        "ss_unet_lr": str(train.learning_rate),
+        "ss_text_encoder_lr": str(train.text_encoder_learning_rate if text_encoders else 0.0),
+        "ss_train_text_encoder": str(bool(text_encoders)),
+        "ss_text_encoders": ",".join(text_encoders),
         "ss_training_started_at": str(started_at),
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": family.modelspec_architecture,
@@ -165,7 +216,7 @@ def kohya_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> 
 
 
 def write_lora(path: str | os.PathLike, trainer: Trainer, save: SaveConfig, started_at: float) -> None:
-    if not all_finite(trainer.network):
+    if not all_finite(trainer.lora_parameters()):
         raise FloatingPointError(f"the LoRA's weights are not finite (NaN or inf) at step {trainer.state.step}; "
                                  f"{path} is not written. Lower train.learning_rate or use precision bf16/fp32")
     _write_lora_file(path, trainer, save, started_at)
@@ -176,6 +227,7 @@ def _write_lora_file(path: str | os.PathLike, trainer: Trainer, save: SaveConfig
     metadata = lora_metadata(
         trainer.family, trainer.lora_config, trainer.config, name=save.name, steps=trainer.state.step,
         started_at=started_at, trigger_word=save.trigger_word, dataset=save.dataset,
+        text_encoders=tuple(trainer.text_encoding.names) if trainer.text_encoding is not None else (),
     )
     # With EMA on, every LoRA file (checkpoints' too) holds the average; resume.safetensors the trained weights.
     with ema_weights(trainer):
@@ -203,6 +255,16 @@ def apply_lora_to_clone(patcher, network: LoraNetwork, strength: float = 1.0):
     """A clone of `patcher` carrying the LoRA the way ComfyUI's LoRA Loader applies a file: as
     weight patches of the clone, merged when ComfyUI loads it; the cached model stays as it is."""
     patched, _ = comfy.sd.load_lora_for_models(patcher, None, lora_state_dict(network), strength, 0)
+    return patched
+
+
+def apply_text_encoder_lora_to_clone(clip, trainer: Trainer, strength: float = 1.0):
+    """A clone of `clip` carrying the trained text encoders' LoRA as ComfyUI's LoRA Loader applies it; a
+    plain clone where no text encoder trained."""
+    tensors = text_encoder_tensors(trainer)
+    if not tensors:
+        return clip.clone()
+    _, patched = comfy.sd.load_lora_for_models(None, clip, tensors, 0, strength)
     return patched
 
 
@@ -459,12 +521,12 @@ def run_settings(trainer: Trainer) -> dict:
     return {"model": trainer.family.base_model_version, "rank": trainer.lora_config.rank,
             "algorithm": trainer.lora_config.algorithm, "optimizer": trainer.config.optimizer,
             "precision": trainer.config.precision, "ema_decay": trainer.config.ema_decay,
-            "loraplus_lr_ratio": trainer.config.loraplus_lr_ratio}
+            "loraplus_lr_ratio": trainer.config.loraplus_lr_ratio, "text_encoders": trainer.lora_config.text_encoders}
 
 
 # What checkpoints of versions that did not record a setting were trained with (before the algorithms
-# were recorded, every run was plain LoRA).
-SETTINGS_BEFORE_RECORDED = {"algorithm": "lora", "ema_decay": 0.0, "loraplus_lr_ratio": 1.0}
+# were recorded, every run was plain LoRA; before text-encoder training, none trained).
+SETTINGS_BEFORE_RECORDED = {"algorithm": "lora", "ema_decay": 0.0, "loraplus_lr_ratio": 1.0, "text_encoders": "none"}
 
 
 def save_checkpoint(trainer: Trainer, save: SaveConfig, started_at: float, run_id: str) -> Path:
@@ -499,7 +561,7 @@ def save_checkpoint(trainer: Trainer, save: SaveConfig, started_at: float, run_i
 
 
 def _refuse_non_finite(trainer: Trainer, root: Path, run_id: str) -> None:
-    if all_finite(trainer.network):
+    if all_finite(trainer.lora_parameters()):
         return
     good = own_checkpoints(root, run_id)
     kept = f"the last good checkpoint, {good[0]}, is kept" if good else "no earlier checkpoint of this run was saved"
@@ -662,7 +724,8 @@ def _check_fits(trainer: Trainer, checkpoint: Checkpoint) -> None:
         wanted = run_settings(trainer)
         for key, field in (("model", None), ("rank", "lora.rank"), ("algorithm", "lora.algorithm"),
                            ("optimizer", "train.optimizer"), ("precision", "train.precision"),
-                           ("ema_decay", "train.ema_decay"), ("loraplus_lr_ratio", "train.loraplus_lr_ratio")):
+                           ("ema_decay", "train.ema_decay"), ("loraplus_lr_ratio", "train.loraplus_lr_ratio"),
+                           ("text_encoders", "lora.text_encoders")):
             theirs, ours = checkpoint.settings.get(key, SETTINGS_BEFORE_RECORDED.get(key)), wanted[key]
             if theirs == ours:
                 continue
@@ -829,6 +892,8 @@ class LayerWeights:
 class LoraFile:
     layers: dict[str, LayerWeights]  # by kohya layer name, "lora_unet_..."
     metadata: dict[str, str]
+    # The text encoders' layers, by kohya layer name ("lora_te1_...", see text_encoders.KOHYA_PREFIXES).
+    text_layers: dict[str, LayerWeights] = field(default_factory=dict)
 
     @property
     def rank(self) -> int | None:
@@ -861,21 +926,22 @@ class LoraFile:
 
 
 def load_lora_file(path: str | os.PathLike) -> LoraFile:
-    """Reads a kohya-style LoRA of the diffusion model (ours, or any that uses the same keys): LoRA, DoRA,
-    LoHa or LoKr layers; weights as fp32."""
+    """Reads a kohya-style LoRA of the diffusion model and its text encoders (ours, or any that uses the same
+    keys): LoRA, DoRA, LoHa or LoKr layers; weights as fp32."""
     groups: dict[str, dict[str, torch.Tensor]] = {}
+    prefixes = (LORA_PREFIX, *KOHYA_PREFIXES.values())
     with safetensors.safe_open(str(path), framework="pt") as file:
         metadata = file.metadata() or {}
         for key in file.keys():
             layer, _, part = key.partition(".")
-            if not layer.startswith(LORA_PREFIX) or part not in LAYER_PARTS:
+            if not layer.startswith(prefixes) or part not in LAYER_PARTS:
                 raise ValueError(
-                    f"{path}: {key!r} is not a key of a kohya-style LoRA of the diffusion model "
-                    "(lora_unet_*.lora_down.weight / .lora_up.weight / .alpha, with .dora_scale for DoRA; "
+                    f"{path}: {key!r} is not a key of a kohya-style LoRA (lora_unet_* / lora_te1_* / lora_te2_* / "
+                    "lora_te3_* + .lora_down.weight / .lora_up.weight / .alpha, with .dora_scale for DoRA; "
                     ".hada_w1_a ... .hada_w2_b for LoHa; .lokr_w1 and .lokr_w2 or .lokr_w2_a / _b for LoKr)"
                 )
             groups.setdefault(layer, {})[part] = file.get_tensor(key)
-    layers = {}
+    layers, text_layers = {}, {}
     for name, parts in groups.items():
         alpha = parts.pop("alpha", None)
         tensors = {part: tensor.float() for part, tensor in parts.items()}
@@ -885,10 +951,10 @@ def load_lora_file(path: str | os.PathLike) -> LoraFile:
         weights = LayerWeights(tensors, 0.0)
         # Without alpha, ComfyUI scales by 1.0, i.e. alpha = rank.
         weights.alpha = float(alpha) if alpha is not None else float(weights.rank or 1)
-        layers[name] = weights
+        (layers if name.startswith(LORA_PREFIX) else text_layers)[name] = weights
     if not layers:
-        raise ValueError(f"{path} holds no LoRA layers")
-    return LoraFile(layers, metadata)
+        raise ValueError(f"{path} holds no LoRA layers of the diffusion model")
+    return LoraFile(layers, metadata, text_layers)
 
 
 def network_from_lora(lora: LoraFile, diffusion_model: nn.Module, dropout: float = 0.0) -> LoraNetwork:

@@ -42,9 +42,10 @@ MAX_ETA_DAYS = 9999
 # Engine config field -> the short-form key it comes from, so the engine's own checks name the YAML line.
 LORA_KEYS = {"rank": "network.linear", "alpha": "network.linear_alpha", "dropout": "network.dropout",
              "algorithm": "network.type", "lokr_factor": "network.lokr_factor",
-             "lokr_full_rank": "network.lokr_full_rank"}
+             "lokr_full_rank": "network.lokr_full_rank", "text_encoders": "network.text_encoders"}
 TRAIN_KEYS = {
     "steps": "train.steps", "learning_rate": "train.lr", "batch_size": "train.batch_size",
+    "text_encoder_lr": "train.text_encoder_lr",
     "gradient_accumulation": "train.gradient_accumulation", "optimizer": "train.optimizer",
     "schedule": "train.lr_scheduler", "warmup_steps": "train.warmup_steps", "max_grad_norm": "train.max_grad_norm",
     "precision": "train.dtype", "gradient_checkpointing": "train.gradient_checkpointing", "seed": "train.seed",
@@ -165,6 +166,14 @@ def loader_of(config: ResolvedConfig, key: str, path: str, what: str, hint: str)
         raise config.error(key, f"{path} cannot be loaded as {what} ({first_line}): {hint}") from None
 
 
+def text_encoders_of(config: ResolvedConfig) -> str:
+    """network.text_encoders, or "clip" where it is left out and ai-toolkit's train.train_text_encoder is true."""
+    chosen = config.values["network"]["text_encoders"]
+    if chosen == "none" and config.values["train"]["train_text_encoder"]:
+        return "clip"
+    return chosen
+
+
 def sample_settings(config: ResolvedConfig, models: Models) -> SampleSettings | None:
     """The previews' settings, or None without prompts. `[trigger]` in a prompt is the trigger word;
     guidance_scale is Flux's guidance for Flux, the cfg scale otherwise; 0 keeps the family's default."""
@@ -275,10 +284,12 @@ def train(config: ResolvedConfig, resume: bool, command: str) -> int:
 
 def train_process(config: ResolvedConfig, resume: bool, command: str, rank: int, trainer_class) -> int:
     values = config.values
-    lora = build(config, LoraConfig, LORA_KEYS)
+    lora = build(config, LoraConfig, LORA_KEYS, text_encoders=text_encoders_of(config))
     ema = values["train"]["ema_config"]
     train_config = build(config, TrainConfig, TRAIN_KEYS, ema_decay=ema["ema_decay"] if ema["use_ema"] else 0.0)
     save = build(config, SaveConfig, SAVE_KEYS)
+    with named_in_file(config, SAVE_KEYS):
+        export.check_text_encoder_format(lora, save)
     datasets = dataset_configs(config)
     with named_in_file(config, SAVE_KEYS):
         check_save_format(lora, save)
@@ -306,11 +317,12 @@ def train_process(config: ResolvedConfig, resume: bool, command: str, rank: int,
         keys = dataset_keys(0) if len(datasets.members) == 1 else PROCESS_DATASET_KEYS
         with named_in_file(config, keys):
             samples, report = build_samples(datasets, models.patcher, models.clip, models.vae, config.file.parent,
-                                            save.output_dir)
+                                            save.output_dir, train_text_encoders=bool(lora.trained_text_encoders))
     save = replace(save, dataset=report.facts())
     if first:
         distributed.barrier()
-    trainer = trainer_class(models.patcher, samples, lora, train_config)
+    with named_in_file(config, LORA_KEYS | TRAIN_KEYS):
+        trainer = trainer_class(models.patcher, samples, lora, train_config, clip=models.clip)
     resumed = None
     if checkpoint is not None:
         try:
@@ -323,7 +335,7 @@ def train_process(config: ResolvedConfig, resume: bool, command: str, rank: int,
         hooks.append(FinalLoraHook(save, run_folder / f"{save.name}.safetensors", resumed))
         if encoded is not None:
             every = values["sample"]["sample_every"]
-            hooks.append(SampleHook(models.vae, encoded, settings, every, run_folder / "samples"))
+            hooks.append(SampleHook(models.vae, encoded, settings, every, run_folder / "samples", clip=models.clip))
     return watch(TrainingJob(trainer, hooks), command, show=first)
 
 

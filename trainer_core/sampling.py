@@ -60,11 +60,15 @@ class EncodedPrompts:
     negative: list
 
 
-def encode_prompts(clip, settings: SampleSettings) -> EncodedPrompts:
-    """Text conditionings, computed once: a run samples many times from the same prompts."""
+def encode_prompts(clip, settings: SampleSettings, text_encoding=None) -> EncodedPrompts:
+    """Text conditionings, computed once: a run samples many times from the same prompts. With
+    `text_encoding` (a run's text_encoders.CaptionEncoding), through its text encoders as they train."""
 
     def encode(text: str) -> list:
-        conditioning = clip.encode_from_tokens_scheduled(clip.tokenize(text))
+        if text_encoding is not None:
+            conditioning = text_encoding.encode_text(text)
+        else:
+            conditioning = clip.encode_from_tokens_scheduled(clip.tokenize(text))
         # SDXL's size embedding reads these; the other families ignore them.
         size = {"width": settings.width, "height": settings.height,
                 "target_width": settings.width, "target_height": settings.height}
@@ -100,18 +104,24 @@ class SampleHook(JobHook):
 
     at_last_step = True
 
-    def __init__(self, vae, encoded: EncodedPrompts, settings: SampleSettings, every: int, folder: str | Path):
+    def __init__(self, vae, encoded: EncodedPrompts, settings: SampleSettings, every: int, folder: str | Path,
+                 clip=None):
         self.vae = vae
         self.encoded = encoded
+        # Where the run trains text encoders, the prompts are encoded again at each preview through them.
+        self.clip = clip
         self.settings = settings
         self.every = every
         self.folder = Path(folder)
 
     def on_step(self, trainer) -> list[Event]:
+        encoded = self.encoded
+        if self.clip is not None and trainer.text_encoding is not None:
+            encoded = encode_prompts(self.clip, self.settings, trainer.text_encoding)
         try:
             # With EMA on, previews show the average, as the saved LoRA will be.
             with ema_weights(trainer):
-                images = sample_images(trainer.patcher, self.vae, self.encoded, self.settings)
+                images = sample_images(trainer.patcher, self.vae, encoded, self.settings)
         except comfy.model_management.InterruptProcessingException:
             # ComfyUI's Cancel reached the sampler first, which cleared the flag on its way out.
             # Raise it again, so whoever watches the run cancels it the usual way (and saves).

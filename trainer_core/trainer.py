@@ -31,6 +31,7 @@ from .graphs import GraphedSteps
 from .lora import LoraNetwork
 from .loraplus import LR_RATIO, parameter_groups
 from .objective import masked, preservation_loss, split_terms
+from .text_encoders import SIZE, CaptionEncoding
 
 log = logging.getLogger(__name__)
 
@@ -107,11 +108,12 @@ def lr_factor(step: int, schedule: str, warmup_steps: int, total_steps: int) -> 
     return 1.0 - progress  # linear
 
 
-def build_optimizer(params: list[dict], config: TrainConfig) -> torch.optim.Optimizer:
-    """The configured optimizer over parameter groups (dicts with "params"; see loraplus.py)."""
+def build_optimizer(params: list, config: TrainConfig) -> torch.optim.Optimizer:
+    """`params`: parameters, or parameter groups (dicts with "params" and their own "lr"; see loraplus.py)."""
     lr, decay = config.learning_rate, config.weight_decay
     if config.optimizer == "adamw":
-        fused = all(p.is_cuda for group in params for p in group["params"])
+        tensors = [p for item in params for p in (item["params"] if isinstance(item, dict) else [item])]
+        fused = all(p.is_cuda for p in tensors)
         return torch.optim.AdamW(params, lr=lr, weight_decay=decay, fused=fused or None)
     if config.optimizer == "adamw8bit":
         # bitsandbytes' AdamW8bit, one update for all LoRA tensors instead of one per tensor (optim.py).
@@ -178,6 +180,7 @@ class Trainer:
         lora: LoraConfig,
         config: TrainConfig,
         network: LoraNetwork | None = None,
+        clip=None,
     ):
         if not samples:
             raise ConfigError("dataset: it holds no samples; add images to the dataset folder")
@@ -197,7 +200,18 @@ class Trainer:
         with torch.inference_mode(False):
             self.network = network or LoraNetwork.create(self.family.diffusion_model, self.family.layer_kind, lora)
             self.network.to(self.device)
-            self.optimizer = build_optimizer(parameter_groups(self.network, config.loraplus_lr_ratio), config)
+            # Parameter groups: LoRA+ splits the diffusion model's LoRA in two (loraplus.py), and a trained
+            # text encoder's LoRA (text_encoders.py) is one more, at its own learning rate; the schedule
+            # scales them all.
+            self.text_encoding = self._caption_encoding(clip)
+            groups = parameter_groups(self.network, config.loraplus_lr_ratio)
+            for group in groups:
+                group["lr"] = config.learning_rate * group[LR_RATIO]
+            if self.text_encoding is not None:
+                groups.append({"params": list(self.text_encoding.loras.parameters()),
+                               "lr": config.text_encoder_learning_rate})
+            self.group_learning_rates = [group["lr"] for group in groups]
+            self.optimizer = build_optimizer(groups, config)
             self.ema = LoraEma(self.network, config.ema_decay) if config.ema_decay else None
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
         self.state = RunState()
@@ -211,6 +225,23 @@ class Trainer:
     @property
     def device(self) -> torch.device:
         return self.patcher.load_device
+
+    def _caption_encoding(self, clip) -> CaptionEncoding | None:
+        if not self.lora_config.trained_text_encoders:
+            return None
+        if clip is None:
+            raise ConfigError("lora.text_encoders: training the text encoders needs the CLIP: pass it to the Trainer")
+        if any(SIZE not in s.conditioning for s in self.samples):
+            raise ConfigError("lora.text_encoders: the samples hold cached embeddings; build them with "
+                              "build_samples(..., train_text_encoders=True), which keeps the captions' tokens")
+        encoding = CaptionEncoding(clip, self.lora_config, self.family, self.device)
+        encoding.prepare([c for s in self.samples for c in (s.conditioning, *(a for _, a in s.alternatives))])
+        return encoding
+
+    def lora_parameters(self) -> list[torch.nn.Parameter]:
+        """Every trained tensor: the diffusion model's LoRA, then the text encoders' where they train."""
+        extra = list(self.text_encoding.loras.parameters()) if self.text_encoding is not None else []
+        return [*self.network.parameters(), *extra]
 
     # -- setup ---------------------------------------------------------------------------
 
@@ -236,6 +267,7 @@ class Trainer:
                     comfy_compat.training_mode(True),
                     kernels_in_order(self.attention_kernels),
                     self.network.attached(diffusion_model),
+                    self.text_encoding.attached() if self.text_encoding is not None else contextlib.nullcontext(),
                     self.family.training_patches(),
                     wrapped_blocks(blocks, cfg.gradient_checkpointing, self.family.blocks_mutate_inputs,
                                    compile_blocks, dynamic=self.input_shapes_vary,
@@ -243,6 +275,8 @@ class Trainer:
                     self._swapping(swapper),
                 ):
                     self.network.train()
+                    if self.text_encoding is not None:
+                        self.text_encoding.loras.train()
                     if self.uses_cuda_graphs:
                         self._graphed = GraphedSteps(list(self.network.parameters()), self._forward_backward,
                                                      _addresses_of(diffusion_model, self.network))
@@ -250,6 +284,8 @@ class Trainer:
             finally:
                 self._graphed = None
                 self.network.eval()
+                if self.text_encoding is not None:
+                    self.text_encoding.loras.eval()
                 for parameter, requires_grad in trainable:
                     # A swapped block keeps its own parameters, inference tensors where ComfyUI loaded the
                     # model; such a tensor takes its flag back only in inference mode.
@@ -358,9 +394,10 @@ class Trainer:
         dropout draws masks that the checkpoints' recomputes must redraw alike (not verified in a
         recorded graph), or blocks are swapped (blockswap.py: host copies a graph cannot follow)."""
         cfg = self.config
+        # Encoding captions reads tokens on the host in every step: no text-encoder training either.
         return (cfg.cuda_graphs == "auto" and self.device.type == "cuda" and cfg.gradient_accumulation == 1
                 and not self.scaler.is_enabled() and self.records_graphs and self.lora_config.dropout == 0
-                and not self.blocks_swapped)
+                and not self.blocks_swapped and self.text_encoding is None)
 
     @property
     def attention_kernels(self) -> list[SDPBackend]:
@@ -392,17 +429,24 @@ class Trainer:
         self.network.to("cpu")
         if self.ema is not None:
             self.ema.to("cpu")
+        if self.text_encoding is not None:
+            self.text_encoding.loras.to("cpu")
         self.optimizer = None
         self.scaler = None
         comfy.model_management.soft_empty_cache()
 
     def resume_state(self) -> dict:
         """What a resumed run needs besides the LoRA weights: plain values and tensors only."""
-        ema = {"ema": self.ema.state_dict()} if self.ema is not None else {}
-        return {**self._progress(), "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                **ema}
+        state = {**self._progress(), "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        if self.text_encoding is not None:
+            state["text_encoder_lora"] = self.text_encoding.loras.state_dict()
+        return state
 
     def load_resume_state(self, state: dict) -> None:
+        if self.text_encoding is not None:
+            self.text_encoding.loras.load_state_dict(state["text_encoder_lora"])
         self._restore_progress(state)
         self.optimizer.load_state_dict(state["optimizer"])
         if state["scaler"]:
@@ -444,6 +488,9 @@ class Trainer:
         and preservation terms its conditioning carries (objective.py)."""
         conditioning, terms = split_terms(conditioning)
         noisy, target = self.family.noisy_input_and_target(latents, noise, timesteps)
+        if self.text_encoding is not None:
+            # In fp32 outside autocast, as ComfyUI runs its text encoders: the same conditioning as CLIPTextEncode.
+            conditioning = self.text_encoding.conditioning(conditioning)
         with self._autocast():
             prediction = self.family.predict(noisy, timesteps, conditioning)
         prediction, target = prediction.float(), target.float()
@@ -500,9 +547,9 @@ class Trainer:
         """One optimizer step over `gradient_accumulation` micro-batches; returns the mean loss
         (a device tensor: reading it is left to whoever logs, to keep the step free of syncs)."""
         cfg = self.config
-        lr = cfg.learning_rate * lr_factor(self.state.step, cfg.schedule, cfg.warmup_steps, cfg.steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get(LR_RATIO, 1.0)
+        factor = lr_factor(self.state.step, cfg.schedule, cfg.warmup_steps, cfg.steps)
+        for group, base in zip(self.optimizer.param_groups, self.group_learning_rates, strict=True):
+            group["lr"] = base * factor
         total = torch.zeros((), device=self.device)
         before = self._progress()
         try:
@@ -531,7 +578,7 @@ class Trainer:
             raise
         if cfg.max_grad_norm > 0:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), cfg.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(self.lora_parameters(), cfg.max_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)

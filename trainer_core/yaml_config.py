@@ -34,6 +34,7 @@ from .config import (
     OPTIMIZERS,
     SAVE_FORMATS,
     SCHEDULES,
+    TEXT_ENCODER_PRESETS,
     ConfigError,
 )
 
@@ -95,6 +96,8 @@ NETWORK = {
     "linear": Key("int", 16),
     "linear_alpha": Key("float", 16.0),
     "dropout": Key("float", 0.0),
+    # Which text encoders get a LoRA too (ours; ai-toolkit's train.train_text_encoder: true means "clip").
+    "text_encoders": Key("str", "none", tuple(TEXT_ENCODER_PRESETS)),
 }
 SAVE = {
     "dtype": Key("str", "bf16", DTYPE_NAMES),
@@ -107,6 +110,9 @@ TRAIN = {
     "steps": Key("int", 1000, maximum=MAX_STEPS),
     "gradient_accumulation": Key("int", 1, aliases=("gradient_accumulation_steps",)),
     "lr": Key("float", 1e-4, maximum=MAX_LEARNING_RATE),
+    "train_text_encoder": Key("bool", False),
+    # ai-toolkit's default is train.lr; 0 says the same here.
+    "text_encoder_lr": Key("float", 0.0, maximum=MAX_LEARNING_RATE),
     "optimizer": Key("str", "adamw8bit", OPTIMIZERS),
     "lr_scheduler": Key("str", "constant", SCHEDULES),
     "warmup_steps": Key("int", 0),
