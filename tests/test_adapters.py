@@ -31,6 +31,7 @@ from test_export import (
     loaded,
     predict,
     relative_error,
+    run_and_read_latent,
     samples,
     save,
     train_config,
@@ -504,12 +505,6 @@ def lora_loader_graph(unet: str, clip: str, lora: str, strength: float, prefix: 
             "positive": ["4", 0], "negative": ["4", 0], "latent_image": ["5", 0], "denoise": 1.0}},
         "7": {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0], "filename_prefix": prefix}},
     }
-
-
-def run_and_read_latent(server: ComfyServer, graph: dict) -> torch.Tensor:
-    entry = server.wait_for(server.post_prompt(graph), timeout=300)
-    (saved,) = entry["outputs"]["7"]["latents"]
-    return safetensors.torch.load_file(server.output_dir / saved["subfolder"] / saved["filename"])["latent_tensor"]
 
 
 def test_a_live_comfyui_lora_loader_samples_differently_with_each_algorithm(comfy_server: ComfyServer):

@@ -386,6 +386,20 @@ def test_the_console_script_is_the_cli():
     assert callable(cli.main)
 
 
+def train_in_one_and_in_two_processes(config: dict, folder: Path) -> tuple[dict, dict, str]:
+    """`config` trained by `lora-train` in one process and under torchrun in two: both LoRA files' tensors and
+    what the two processes wrote to stderr."""
+    single, parallel = write(folder / "single", config), write(folder / "parallel", config)
+    assert cli.main(["train", str(single), "--cpu"]) == 0
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "trainer_core", "train", str(parallel), "--cpu"]
+    result = subprocess.run(command, cwd=REPO_ROOT, env=os.environ | {"COMFYUI_PATH": str(COMFY_HOST)},
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-4000:]
+    one, two = (safetensors.torch.load_file(p.parent / "out/tiny/tiny.safetensors") for p in (single, parallel))
+    return one, two, result.stderr
+
+
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_torchrun_with_two_processes_trains_the_lora_of_one_process(files, tmp_path, accumulation):
     # Three images in batches of two: every other batch holds one image, and one process gets none of it.
@@ -396,15 +410,8 @@ def test_torchrun_with_two_processes_trains_the_lora_of_one_process(files, tmp_p
     config["datasets"][0]["folder_path"] = str(graph_data.write_dataset(tmp_path / "three", count=3))
     config["save"]["dtype"] = "float32"
     del config["sample"]
-    single, parallel = write(tmp_path / "single", config), write(tmp_path / "parallel", config)
-    assert cli.main(["train", str(single), "--cpu"]) == 0
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "trainer_core", "train", str(parallel), "--cpu"]
-    result = subprocess.run(command, cwd=REPO_ROOT, env=os.environ | {"COMFYUI_PATH": str(COMFY_HOST)},
-                            capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert result.stderr.count(f"step {STEPS}/{STEPS}  loss ") == 1  # only the first process reports
-    one, two = (safetensors.torch.load_file(p.parent / "out/tiny/tiny.safetensors") for p in (single, parallel))
+    one, two, stderr = train_in_one_and_in_two_processes(config, tmp_path)
+    assert stderr.count(f"step {STEPS}/{STEPS}  loss ") == 1  # only the first process reports
     assert one.keys() == two.keys()
     for key in one:
         # The float rounding of splitting the batch is all that may differ.
@@ -552,14 +559,7 @@ def test_torchrun_with_masks_regularisation_and_preservation_trains_the_lora_of_
     config = with_two_datasets(files, tmp_path / "data")
     config["save"]["dtype"] = "float32"
     del config["sample"]
-    single, parallel = write(tmp_path / "single", config), write(tmp_path / "parallel", config)
-    assert cli.main(["train", str(single), "--cpu"]) == 0
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "trainer_core", "train", str(parallel), "--cpu"]
-    result = subprocess.run(command, cwd=REPO_ROOT, env=os.environ | {"COMFYUI_PATH": str(COMFY_HOST)},
-                            capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-4000:]
-    one, two = (safetensors.torch.load_file(p.parent / "out/tiny/tiny.safetensors") for p in (single, parallel))
+    one, two, _ = train_in_one_and_in_two_processes(config, tmp_path)
     assert one.keys() == two.keys()
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-6, msg=key)
