@@ -30,7 +30,7 @@ from test_graph import tiny_loader, training_graph
 from tiny_models import MODEL_FACTORIES
 
 from trainer_core import cli, export, sampling
-from trainer_core.config import ConfigError, LoraConfig, SaveConfig, TrainConfig
+from trainer_core.config import ALGORITHMS, ConfigError, LoraConfig, SaveConfig, TrainConfig
 from trainer_core.job import JobHook, TrainingJob
 from trainer_core.lora import ConvLora, LinearLora
 from trainer_core.loraplus import LR_RATIO
@@ -119,6 +119,22 @@ def test_loraplus_gives_the_up_matrices_ratio_times_the_learning_rate(optimizer)
         expected = base * 0.5 * (1 + math.cos(math.pi * step / 6))
         assert down_lr == pytest.approx(expected, rel=1e-9, abs=1e-15)
         assert up_lr == pytest.approx(RATIO * expected, rel=1e-9, abs=1e-14)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_loraplus_splits_every_algorithms_parameters_by_their_up_side(algorithm, tmp_path):
+    lora = LoraConfig(rank=4, alpha=4.0, algorithm=algorithm)
+    trainer = make_trainer(lora=lora, loraplus_lr_ratio=RATIO, steps=2)
+    down_side, up_side = ({id(p) for p in group["params"]} for group in trainer.optimizer.param_groups)
+    every = {id(p) for p in trainer.network.parameters()}
+    assert down_side and up_side and not down_side & up_side and down_side | up_side == every
+    ups = {id(p) for _, layer in trainer.network.items() for p in layer.up_parameters()}
+    assert up_side == ups
+    before = weights_of(trainer)
+    trainer.run()
+    after = weights_of(trainer)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.isfinite(v).all() for v in after.values())
 
 
 def test_prodigy_refuses_loraplus():

@@ -95,10 +95,11 @@ class LoraLayer(nn.Module):
                 parameter.copy_(tensors[suffix].reshape(parameter.shape))
 
     def up_parameters(self) -> list[nn.Parameter]:
-        """The parameters on the output side of the adapter, which start at zero and map the rank-wide
-        hidden state back to the layer's output (LoRA's B / `up`). LoRA+ trains them at a higher learning
-        rate (loraplus.py); every other parameter of the layer is on the input side. Each layer kind says
-        which of its parameters these are (e.g. LoHa: both Hadamard factors' up matrices)."""
+        """The parameters on the output side of the adapter: those that map the rank-wide hidden state back
+        to the layer's output (LoRA's B / `up`). LoRA+ trains them at a higher learning rate (loraplus.py);
+        every other parameter of the layer is on the input side. Each layer kind says which of its
+        parameters these are (LoHa: both Hadamard terms' (out, rank) factors; DoRA: LoRA's, its magnitude
+        on the input side)."""
         raise NotImplementedError
 
 
