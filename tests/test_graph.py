@@ -334,10 +334,10 @@ def test_an_example_workflow_runs_with_tiny_models(
 
     assert (comfy_server.models_dir / "loras" / name / f"{name}.safetensors").is_file()
     assert saved_image(comfy_server, entry).shape == (64, 64, 3)
-    # The Flux example holds a tenth of the dataset out (here one image of four) for the validation loss,
-    # evaluated every 100 steps: in these 4 steps, at the end only.
+    # The Flux and SDXL examples hold a tenth of the subject's images out (here one image of four) for the
+    # validation loss, evaluated every 100 steps: in these 4 steps, at the end only.
     holds_out = any(node["inputs"]["validation_split"] > 0 for node in nodes_of(graph, "LoraTrainer_Dataset"))
-    assert holds_out == (path.stem == "train_flux_lora")
+    assert holds_out == (path.stem in ("train_flux_lora", "train_sdxl_lora"))
     run = comfy_server.get_json("/lora_trainer/status")["run"]
     steps = TINY_RUN["LoraTrainer_TrainLoRA"]["steps"]
     assert run["name"] == name and run["history"]["validation"]["step"] == ([steps] if holds_out else [])
