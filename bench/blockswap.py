@@ -131,6 +131,8 @@ def block_compute_ms(block, inputs, device, repeats: int) -> tuple[float, float]
 
     args, kwargs = inputs
     timer = Timer(device)
+    # Frozen, as under a LoRA: no gradient of its own weights (fp8 ones could not even take one).
+    block.requires_grad_(False)
 
     def fresh():
         # A copy of a leaf that wants its gradient: blocks that add into their inputs in place (Flux's) get a
