@@ -180,6 +180,7 @@ def exposed_copy_ms(order: list[str], per_kind: dict, swap_count: int) -> tuple[
 def measure(arch, weight_dtype, args, device) -> dict:
     from architectures import build
 
+    from trainer_core import comfy_compat
     from trainer_core.blockswap import tensor_bytes
     from trainer_core.config import TrainConfig
     from trainer_core.families import family_for
@@ -197,7 +198,9 @@ def measure(arch, weight_dtype, args, device) -> dict:
                 tensors = [t.pin_memory() for t in tensors]
             size = tensor_bytes(block)
             copy = copy_ms(tensors, device, args.repeats)
-            forward, backward = block_compute_ms(block, captured[name], device, args.repeats)
+            # As in a training session: ComfyUI 0.33 otherwise picks fused kernels with no backward (Flux's RoPE).
+            with comfy_compat.training_mode(True):
+                forward, backward = block_compute_ms(block, captured[name], device, args.repeats)
             per_kind[name] = {"count": order.count(name), "bytes": size, "copy_ms": copy,
                               "copy_gb_per_s": size / copy / 1e6, "forward_ms": forward, "backward_ms": backward}
     result = {"model": arch.label, "weights": str(weight_dtype).removeprefix("torch."), "blocks": len(blocks),
