@@ -28,6 +28,7 @@ from test_export import (
     LATENT_HW,
     STARTED_AT,
     CancelAt,
+    load_through_comfyui,
     loaded,
     predict,
     relative_error,
@@ -96,13 +97,6 @@ def file_keys(path: Path) -> set[str]:
         return set(file.keys())
 
 
-def load_through_comfyui(path: Path, patcher, strength: float):
-    """The LoRA Loader's work on a file: the patched clone."""
-    lora = comfy.utils.load_torch_file(str(path), safe_load=True)
-    clone, _ = comfy.sd.load_lora_for_models(patcher, None, lora, strength, 0)
-    return clone
-
-
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 @pytest.mark.parametrize("name", FAMILIES)
 def test_comfyui_loads_every_key_and_reproduces_the_trained_model(name, algorithm, caplog, monkeypatch):
@@ -124,19 +118,8 @@ def test_comfyui_loads_every_key_and_reproduces_the_trained_model(name, algorith
         assert FILE_KEYS["lokr"] <= suffixes <= FILE_KEYS["lokr"] | FILE_KEYS["lokr_full"]
     else:
         assert suffixes == FILE_KEYS[algorithm]
-    used, patched = set(), set()
-    real_load_lora = comfy.lora.load_lora
-
-    def recording_load_lora(lora, to_load, log_missing=True):
-        patches = real_load_lora(lora, to_load, log_missing)
-        for target, adapter in patches.items():
-            used.update(adapter.loaded_keys)
-            patched.add(target)
-        return patches
-
-    monkeypatch.setattr(comfy.lora, "load_lora", recording_load_lora)
     with caplog.at_level(logging.WARNING):
-        clone = load_through_comfyui(path, patcher, 1.0)
+        clone, used, patched = load_through_comfyui(path, patcher, 1.0, monkeypatch)
         with loaded(clone):
             actual = predict(trainer, inputs)
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
@@ -144,7 +127,7 @@ def test_comfyui_loads_every_key_and_reproduces_the_trained_model(name, algorith
     assert patched == {f"diffusion_model.{module}.weight" for module, _ in network.items()}
     assert relative_error(actual, expected) < 1e-4
 
-    with loaded(load_through_comfyui(path, patcher, 0.0)):
+    with loaded(load_through_comfyui(path, patcher, 0.0, monkeypatch)[0]):
         assert torch.equal(predict(trainer, inputs), base)
     assert torch.equal(predict(trainer, inputs), base)
 
