@@ -8,7 +8,7 @@ import comfy.sample
 import pytest
 import torch
 from test_engine import train_config
-from tiny_models import MODEL_FACTORIES, random_inputs
+from tiny_models import MODEL_FACTORIES, build_flux, random_inputs
 
 from trainer_core import checkpointing, job
 from trainer_core.config import LoraConfig
@@ -76,12 +76,14 @@ class PreviewHook(JobHook):
         return []
 
 
-def test_compiled_blocks_compile_once_across_buckets_and_previews(monkeypatch):
-    """Three aspect-ratio buckets and a preview every two steps: each block has one compiled variant.
-    Compiled for fixed sizes, every block compiled again at each new bucket and for the preview (SD3.5
-    on an H200: ~95 s at the second bucket; issue 13). After the model was partly unloaded and loaded
+def test_compiled_blocks_compile_once_per_class_across_buckets_and_previews(monkeypatch):
+    """Three aspect-ratio buckets and a preview every two steps, on a Flux of three double and three
+    single blocks: each block class compiles once for all its blocks, and nothing compiles after the
+    first step. Compiled for fixed sizes, every block compiled again at each new bucket and for the preview
+    (SD3.5 on an H200: ~95 s at the second bucket; issue 13). After the model was partly unloaded and loaded
     again, ComfyUI's modules hold as instance attributes what they read from their class before, and
     every block compiled again (SD3.5 Large, Flux on 12 and 16 GB cards: 80-100 s after each preview).
+    With a code object per block, Flux compiled 57 times (175 s before its first step on an H200).
 
     Stand-ins, both for this CPU only: dynamo hands its graphs to AOTAutograd's eager backend instead of
     Inductor (whose C++ builds take minutes here; the variants and guards are dynamo's and AOTAutograd's),
@@ -91,17 +93,18 @@ def test_compiled_blocks_compile_once_across_buckets_and_previews(monkeypatch):
     monkeypatch.setattr(comfy.model_management, "get_free_memory",
                         lambda dev=None, torch_free_too=False: (8 << 30, 8 << 30) if torch_free_too else 8 << 30)
     torch._dynamo.reset()  # the tiny model is shared: drop what other tests compiled for its blocks
-    patcher = MODEL_FACTORIES["sd3"]()
+    patcher = build_flux("dev", blocks=(3, 3))
     samples = bucketed_samples(patcher, [(16, 16), (16, 24), (24, 16), (24, 24), (16, 16), (24, 24)])
     trainer = Trainer(patcher, samples, LoraConfig(rank=4),
                       train_config(steps=7, gradient_checkpointing=True, compile_blocks="on"))
     preview = PreviewHook(every=2, latent_hw=(20, 20))
-    shapes = []
+    shapes, frames = [], []
     trainer_step = trainer.step
 
     def step():
         loss = trainer_step()
         shapes.append(tuple(trainer.samples[trainer._batches[trainer.state.data.batch - 1][0]].latents.shape))
+        frames.append(torch._dynamo.utils.counters["frames"]["total"])
         return loss
 
     trainer.step = step
@@ -111,6 +114,28 @@ def test_compiled_blocks_compile_once_across_buckets_and_previews(monkeypatch):
     assert events[-1].kind == "done"
     assert {s[1:] for s in shapes} == {(16, 16), (16, 24), (24, 16), (24, 24)}, "the run saw every bucket"
     assert len(preview.latents) == 3 and preview.latents[0].shape[-2:] == (20, 20)
+    blocks = trainer.family.checkpoint_blocks()
+    classes = {type(b) for b in blocks}
+    assert len(blocks) == 6 and len(classes) == 2
+    variants = {cls.__name__: len(torch._dynamo.eval_frame._debug_get_cache_entry_list(cls.forward.__code__))
+                for cls in classes}
+    assert all(1 <= n <= 2 for n in variants.values()), f"compiled variants per block class: {variants}"
+    assert frames[0] == sum(variants.values()) < len(blocks), f"frames compiled by step: {frames}"
+    assert frames == [frames[0]] * len(frames), f"frames compiled by step: {frames}"
+
+
+def test_blocks_that_read_their_own_index_compile_each_with_code_of_its_own(monkeypatch):
+    """SDXL's blocks read `transformer_index` and `block` from their options, so each is compiled with
+    a code object of its own: one variant each, found at once, instead of all of them walked per call."""
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    torch._dynamo.reset()
+    patcher = MODEL_FACTORIES["sdxl_eps"]()
+    samples = bucketed_samples(patcher, [(16, 16)] * 2)
+    trainer = Trainer(patcher, samples, LoraConfig(rank=4),
+                      train_config(steps=1, gradient_checkpointing=True, compile_blocks="on"))
+    with TrainingJob(trainer, []) as training:
+        list(training.events())
+    training.result()
     blocks = trainer.family.checkpoint_blocks()
     variants = [len(torch._dynamo.eval_frame._debug_get_cache_entry_list(checkpointing._OWN_FORWARDS[b].__code__))
                 for b in blocks]

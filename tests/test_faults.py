@@ -456,7 +456,7 @@ def test_out_of_memory_in_a_step_saves_the_last_whole_step_and_names_the_setting
     assert events[-1].kind == "error" and message in str(failed.value)
     assert message.startswith("out of memory in step 4 (CUDA out of memory. Tried to allocate 2.00 GiB")
     assert f"the last whole step, 3, is saved in {checkpoint}" in message
-    for setting in ("fp8", "gradient_checkpointing", "batch_size", "resolution", "sample_size"):
+    for setting in ("fp8", "gradient_checkpointing", "blocks_to_swap", "batch_size", "resolution", "sample_size"):
         assert setting in message
     assert "Traceback" not in str(failed.value)
     del failed, job

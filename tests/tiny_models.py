@@ -106,11 +106,12 @@ TINY_SD3_UNET = {
 
 
 def _flux_unet(variant: str, hidden_size: int, num_heads: int, axes_dim: list[int],
-               context_dim: int = FLUX_TEXT.context_dim) -> dict:
-    """One double and one single block, completed by the host's own detection (bench.architectures.flux)."""
+               context_dim: int = FLUX_TEXT.context_dim, blocks: tuple[int, int] = (1, 1)) -> dict:
+    """`blocks` double and single blocks (one each by default), completed by the host's own detection
+    (bench.architectures.flux)."""
     if variant not in ("dev", "schnell"):
         raise ValueError(f"Flux variant must be 'dev' or 'schnell', got {variant!r}")
-    return flux_config(hidden_size, num_heads, axes_dim, depth=1, single=1, context_dim=context_dim,
+    return flux_config(hidden_size, num_heads, axes_dim, depth=blocks[0], single=blocks[1], context_dim=context_dim,
                        pooled=FLUX_TEXT.pooled_dim, guidance=variant == "dev")
 
 
@@ -280,13 +281,15 @@ def load_sd3(x_block_self_attn_layers: tuple[int, ...] = ()) -> comfy.model_patc
     return patcher
 
 
-def build_flux(variant: str = "dev") -> comfy.model_patcher.ModelPatcher:
-    """Narrow Flux (hidden 128, 2 heads, 1 double + 1 single block): latent 16 ch, context 64, vec (`y`) 768.
+def build_flux(variant: str = "dev", blocks: tuple[int, int] = (1, 1)) -> comfy.model_patcher.ModelPatcher:
+    """Narrow Flux (hidden 128, 2 heads, `blocks` double and single blocks, one each by default): latent 16 ch,
+    context 64, vec (`y`) 768.
 
     dev embeds guidance (model_type FLUX), schnell does not (FLOW).
     """
-    config = _flux_unet(variant, hidden_size=128, num_heads=2, axes_dim=[8, 28, 28])
-    return _cached(f"flux_{variant}", lambda: _build_direct(FLUX_CONFIG_CLASSES[variant](config)))
+    config = _flux_unet(variant, hidden_size=128, num_heads=2, axes_dim=[8, 28, 28], blocks=blocks)
+    name = f"flux_{variant}" + ("" if blocks == (1, 1) else f"_{blocks[0]}x{blocks[1]}")
+    return _cached(name, lambda: _build_direct(FLUX_CONFIG_CLASSES[variant](config)))
 
 
 def flux_full_width_file(variant: str = "dev", context_dim: int = FLUX_TEXT.context_dim) -> Path:

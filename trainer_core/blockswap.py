@@ -5,7 +5,11 @@ A model whose weights do not fit the card beside a step's activations trains wit
 off the card. Each swapped block comes to the card only for its computation: in the forward, in its
 checkpoint's recompute during backward, and in previews. Its copy starts on a side CUDA stream when the
 block before it (in the direction the model runs: forward, or backward for recomputes) starts, so the
-copy overlaps that block's compute, and it is let go as soon as the block returns.
+copy overlaps that block's compute, and it is let go as soon as the block returns. The host runs ahead
+of the device (it reads a step's loss only at its end): before each copy it waits until the device has
+begun the swapped block visited two before, so that at most three swapped blocks' copies exist at once.
+Without that wait the host queued copy after copy, each in fresh memory, while the device still ran
+blocks far behind (Flux fp8 on 12 GB: 1-3 GiB over the estimate, out of memory in step 1).
 
 Residency is per tensor slot: while a block is away, each of its parameters and buffers is a placeholder
 on the meta device (anything that uses it by mistake fails loudly); while it computes, the slot holds a
@@ -25,6 +29,7 @@ backward, on the card, which is what swapping avoids. CUDA graphs cannot follow 
 replays the device addresses it recorded), so a swapped run steps eagerly.
 """
 
+import collections
 import contextlib
 import logging
 from collections.abc import Callable, Sequence
@@ -35,8 +40,10 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-# Blocks on the card at once among the swapped ones: the one computing and the next one arriving.
-RESIDENT_WINDOW = 2
+# Swapped blocks whose copies can be on the card at once: the one computing, the one visited before it
+# (the device may still run it, or its backward, while the host has gone on), and the next one arriving.
+# The host waits before each copy until the device has begun the block visited two before (see `_copy`).
+RESIDENT_WINDOW = 3
 # Bytes per LoRA parameter beside the fp32 weight and its fp32 gradient, by optimizer: AdamW's two fp32
 # moments, AdamW8bit's two 8-bit ones, Adafactor's factored second moment (at most one fp32 per
 # element), Prodigy's four fp32 states.
@@ -251,6 +258,8 @@ class BlockSwapper:
         # Swapped blocks on the device or on their way: index -> (tensors, event the copy records).
         self._present: dict[int, tuple[list[torch.Tensor], torch.cuda.Event | None]] = {}
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        # When the device began each of the last two swapped blocks visited (CUDA events; None elsewhere).
+        self._arrivals: collections.deque = collections.deque(maxlen=RESIDENT_WINDOW - 1)
         self._stand_ins: list[tuple[nn.Module, str, nn.Module]] = []
 
     @property
@@ -280,6 +289,7 @@ class BlockSwapper:
         finally:
             self._synchronize()
             self._present.clear()
+            self._arrivals.clear()
             for parent, name, block in reversed(self._stand_ins):
                 parent._modules[name] = block
             self._stand_ins.clear()
@@ -317,6 +327,10 @@ class BlockSwapper:
             self._present[following] = self._copy(following)
 
     def _copy(self, index: int) -> tuple[list[torch.Tensor], torch.cuda.Event | None]:
+        if len(self._arrivals) == self._arrivals.maxlen:
+            # The swapped blocks visited before the older of the last two are done on the device, and
+            # their memory can be reused for this copy.
+            self._wait(self._arrivals[0])
         slots = self._slots[index]
         if self._copy_stream is None:
             return [slot.stored.to(self.device, copy=True) for slot in slots], None
@@ -339,8 +353,22 @@ class BlockSwapper:
             compute.wait_event(event)
             for tensor in tensors:
                 tensor.record_stream(compute)
+        self._arrivals.append(self._mark_arrival())
         for slot, tensor in zip(self._slots[index], tensors, strict=True):
             slot.visit(tensor)
+
+    def _mark_arrival(self) -> torch.cuda.Event | None:
+        """An event the compute stream reaches when the arriving block begins (None off CUDA)."""
+        if self._copy_stream is None:
+            return None
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    @staticmethod
+    def _wait(arrival: torch.cuda.Event | None) -> None:
+        if arrival is not None:
+            arrival.synchronize()
 
     def _leave(self, index: int) -> None:
         # The tensors go with the slots' references; allocated on the copy stream, their memory is

@@ -16,7 +16,7 @@ def _copy_tensors(values):
 
 @contextlib.contextmanager
 def wrapped_blocks(blocks: list[nn.Module], checkpoint: bool, copy_inputs: bool, compile: bool,
-                   dynamic: bool = False, around=None):
+                   dynamic: bool = False, around=None, share_code: bool = True):
     """Per-block changes for a run: each block its own checkpoint (its activations recomputed in
     backward) and/or compiled by torch.compile (fewer, fused kernels: less launch overhead).
 
@@ -26,6 +26,8 @@ def wrapped_blocks(blocks: list[nn.Module], checkpoint: bool, copy_inputs: bool,
     `dynamic` compiles each block once for inputs of any size, for runs whose batches come in
     several shapes (aspect-ratio buckets): compiled for fixed sizes, every block would compile
     again at each bucket's first step (SD3.5 Medium on an H200: ~95 s; issue 13).
+
+    `share_code`: blocks of one class compile into shared variants (see `_with_own_code` for when not).
 
     `around(block, forward)`, where given, wraps each block's (compiled) forward inside its checkpoint,
     so it runs in the forward and again in the recompute (block swap brings the block's weights there).
@@ -40,7 +42,7 @@ def wrapped_blocks(blocks: list[nn.Module], checkpoint: bool, copy_inputs: bool,
         for block in blocks:
             forward = block.forward
             if compile:
-                forward = _compiled_for_training(_with_own_code(forward), dynamic)
+                forward = _compiled_for_training(forward if share_code else _with_own_code(forward), dynamic)
             if around is not None:
                 forward = around(block, forward)
             if checkpoint:

@@ -63,6 +63,8 @@ class OutOfMemory(RuntimeError):
 MEMORY_SETTINGS = (
     "store the model's weights in fp8 (Load Base Model's weight_dtype / model.quantize)",
     "turn gradient_checkpointing on",
+    "keep blocks of the model in host memory (Train LoRA's blocks_to_swap / train.blocks_to_swap: -1 or auto "
+    "picks how many)",
     "lower batch_size or the dataset's resolution",
     "make the previews smaller (sample_size / sample.width and sample.height)",
 )

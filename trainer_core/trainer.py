@@ -271,7 +271,8 @@ class Trainer:
                     self.family.training_patches(),
                     wrapped_blocks(blocks, cfg.gradient_checkpointing, self.family.blocks_mutate_inputs,
                                    compile_blocks, dynamic=self.input_shapes_vary,
-                                   around=swapper.wrap if swapper else None),
+                                   around=swapper.wrap if swapper else None,
+                                   share_code=self.family.blocks_share_compiled_code),
                     self._swapping(swapper),
                 ):
                     self.network.train()

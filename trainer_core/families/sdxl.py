@@ -21,6 +21,7 @@ class SDXL(Family):
     # against 1.09 s eager; bench/NOTES.md §3): a loss for runs of under ~900 steps, so "auto" leaves
     # it eager and "on" compiles it. Measured before CUDA graphs, which took eager steps to 0.156 s (§5).
     compile_pays = False
+    blocks_share_compiled_code = False
 
     @classmethod
     def matches(cls, model) -> bool:
