@@ -100,10 +100,12 @@ class TrainLoraNode(io.ComfyNode):
                                        "Forge; diffusers reads them too, but not SD 3.5's, nor SDXL's with "
                                        "attention+mlp+conv. diffusers: diffusers' own, read by diffusers and "
                                        "ComfyUI.", **ADVANCED),
-                io.Int.Input("blocks_to_swap", default=0, min=BLOCKS_TO_SWAP_AUTO, max=MAX_BLOCKS_TO_SWAP,
+                io.Int.Input("blocks_to_swap", default=BLOCKS_TO_SWAP_AUTO, min=BLOCKS_TO_SWAP_AUTO,
+                             max=MAX_BLOCKS_TO_SWAP,
                              tooltip="Blocks of the model kept in system memory and copied to the card just before "
-                                     "they compute, for cards too small for the model: 0 keeps all on the card; -1 "
-                                     "(auto) swaps the fewest that fit. Needs gradient_checkpointing.", **ADVANCED),
+                                     "they compute, for cards too small for the model. -1 (auto): none where the "
+                                     "model fits the card, else the fewest that fit; 0 keeps all on the card; a "
+                                     "count needs gradient_checkpointing.", **ADVANCED),
                 io.Int.Input("validation_every", default=0, min=0, max=1_000_000,
                              tooltip="Validation loss on the dataset's held-out images every N steps (0: only at "
                                      "the end); needs the Dataset's validation_split or validation_folder.",

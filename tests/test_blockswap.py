@@ -378,12 +378,16 @@ def test_the_auto_choice_swaps_the_fewest_blocks_that_fit():
     # Everything on the card: 1100 MiB <= 2000 - 612.
     assert bytes_on_device(blocks, 0, estimate) == 1100 * mib
     assert fewest_blocks_that_fit(blocks, estimate) == 0
-    # 1400 available, 1400 - 582 = 818 MiB of budget. With n swapped: 100 + (10 - n) * 100 + 3 * 100 for
-    # n >= 3 (three swapped blocks' copies can exist at once); 1400 - 100 n <= 818 from n = 6 (800).
-    tight = MemoryEstimate(rest_of_model=50 * mib, lora=10 * mib, activations=40 * mib, available=1400 * mib)
-    assert tight.margin == 582 * mib
-    assert [bytes_on_device(blocks, n, tight) // mib for n in (1, 4, 5, 6)] == [1100, 1000, 900, 800]
-    assert fewest_blocks_that_fit(blocks, tight) == 6
+    # The whole model is held to the free memory itself, without the margin: 1100 <= 1100.
+    exact = MemoryEstimate(rest_of_model=50 * mib, lora=10 * mib, activations=40 * mib, available=1100 * mib)
+    assert fewest_blocks_that_fit(blocks, exact) == 0
+    # Blocks of 200 MiB: the model (2100 MiB) does not fit 2000 available, so the margin applies: 2000 - 612
+    # = 1388 MiB of budget. With n swapped: 100 + (10 - n) * 200 + 3 * 200 for n >= 3 (three swapped blocks'
+    # copies can exist at once); 2700 - 200 n <= 1388 from n = 7 (1300).
+    large = [200 * mib] * 10
+    tight = MemoryEstimate(rest_of_model=50 * mib, lora=10 * mib, activations=40 * mib, available=2000 * mib)
+    assert [bytes_on_device(large, n, tight) // mib for n in (0, 1, 4, 6, 7)] == [2100, 2100, 1900, 1500, 1300]
+    assert fewest_blocks_that_fit(large, tight) == 7
     # Blocks of two sizes: the largest three swapped ones are what visits.
     mixed = [300 * mib, 100 * mib, 300 * mib, 100 * mib, 200 * mib, 100 * mib]
     assert swapped_indices(6, 4) == [1, 2, 3, 4]

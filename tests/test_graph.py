@@ -80,7 +80,7 @@ def training_graph(loader: dict, dataset: str, name: str, **train) -> dict:
         "optimizer": "adamw", "schedule": "constant", "warmup_steps": 0, "batch_size": 1, "gradient_accumulation": 1,
         "precision": "fp32", "gradient_checkpointing": True, "seed": 0, "save_every": 2, "keep_last": 3,
         "save_dtype": "fp32", "sample_every": 2, "sample_prompts": PROMPT, "sample_seed": 1, "sample_size": 64,
-        "resume_from": "", "compile_blocks": "auto", "save_format": "comfyui", "blocks_to_swap": 0,
+        "resume_from": "", "compile_blocks": "auto", "save_format": "comfyui", "blocks_to_swap": -1,
     }
     dataset_inputs = {"folder": dataset, "resolution": 64, "trigger_word": "", "default_caption": "",
                       "caption_dropout": 0.0, "shuffle_tags": False, "keep_tags": 1, "flip": False}

@@ -136,9 +136,10 @@ class TrainConfig:
     # step eagerly.
     cuda_graphs: str = "auto"
     # Blocks of the diffusion model kept in host memory and copied to the card just before they compute
-    # (blockswap.py): 0 keeps all on the card; BLOCKS_TO_SWAP_AUTO (-1) swaps the fewest that let a step
-    # fit the card's free memory. Needs gradient_checkpointing.
-    blocks_to_swap: int = 0
+    # (blockswap.py): 0 keeps all on the card; BLOCKS_TO_SWAP_AUTO (-1, the default) swaps none where the
+    # model fits the card and else the fewest that let a step fit (on a GPU, with gradient_checkpointing);
+    # a count needs gradient_checkpointing.
+    blocks_to_swap: int = BLOCKS_TO_SWAP_AUTO
     seed: int = 0
     loss: str = "mse"
     huber_delta: float = 0.1
@@ -191,7 +192,7 @@ class TrainConfig:
         swap_ok = isinstance(swap, int) and not isinstance(swap, bool)
         _require(swap_ok and BLOCKS_TO_SWAP_AUTO <= swap <= MAX_BLOCKS_TO_SWAP, owner, "blocks_to_swap",
                  f"must be an integer from 0 to {MAX_BLOCKS_TO_SWAP}, or -1 (auto), got {swap!r}")
-        _require(swap == 0 or self.gradient_checkpointing, owner, "blocks_to_swap", "needs gradient_checkpointing "
+        _require(swap <= 0 or self.gradient_checkpointing, owner, "blocks_to_swap", "needs gradient_checkpointing "
                  "on (without it a swapped block's weights stay on the card until the backward): turn it on, or "
                  "set blocks_to_swap to 0")
         _require(self.logit_std > 0, owner, "logit_std", f"must be > 0, got {self.logit_std!r}")

@@ -315,6 +315,9 @@ class Trainer:
         wanted = self.config.blocks_to_swap
         if wanted == 0:
             return None
+        if wanted == BLOCKS_TO_SWAP_AUTO and not self.config.gradient_checkpointing:
+            # Swapping needs per-block checkpoints; auto, the default, then keeps every block on the card.
+            return None
         comfy_compat.unload_models([self.patcher])
         if wanted > len(blocks):
             raise ConfigError(f"train.blocks_to_swap: {wanted} is more than the {len(blocks)} blocks this model has; "

@@ -119,7 +119,7 @@ TRAIN = {
     "max_grad_norm": Key("float", 1.0),
     "gradient_checkpointing": Key("bool", True),
     # kohya's name; "auto" (or -1) swaps the fewest blocks that fit (TrainConfig.blocks_to_swap).
-    "blocks_to_swap": Key("count_or_auto", 0, maximum=MAX_BLOCKS_TO_SWAP),
+    "blocks_to_swap": Key("count_or_auto", BLOCKS_TO_SWAP_AUTO, maximum=MAX_BLOCKS_TO_SWAP),
     "noise_scheduler": Key("str", "", NOISE_SCHEDULERS),
     "dtype": Key("str", "bf16", DTYPE_NAMES),
     "seed": Key("int", 0),
