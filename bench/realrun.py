@@ -135,7 +135,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "measure what it costs per step")
     parser.add_argument("--blocks-to-swap", type=swap_setting, default=None, metavar="N|auto",
                         help="train.blocks_to_swap / the node's blocks_to_swap: N blocks, or auto (default: the "
-                             "product's, 0)")
+                             "product's, auto)")
     parser.add_argument("--child", choices=("generate", "cli", "server"), help=argparse.SUPPRESS)
     parser.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -912,8 +912,10 @@ def table(runs: list[dict], header: dict) -> str:
         fits = {"ok": "yes", "did not fit": "**no** (OOM)"}.get(run["status"], run["status"])
         card = f"{run['card_gib']:g} GB" if run.get("simulated", True) else "CPU"
         entry = run["entry"] + (" + DOP" if run.get("dop") else "")
-        if run.get("blocks_to_swap") is not None:
-            card += f", swap {run['blocks_to_swap']}: {_value(run.get('blocks_swapped'), 'd')}"
+        setting, swapped = run.get("blocks_to_swap"), run.get("blocks_swapped")
+        if setting is not None or swapped:
+            # The product's default is auto: a run given no setting shows what auto chose where it swapped.
+            card += f", swap {'auto' if setting is None else setting}: {_value(swapped, 'd')}"
         lines.append(
             f"| {run.get('label', run['model'])} | {entry} | {card} | {fits} | "
             f"{_value(run.get('steady_s_per_step'), '.3f')} | {_value(run.get('time_to_first_step_s'), '.1f')} | "
