@@ -35,6 +35,8 @@ from trainer_core import blockswap, cli, comfy_compat, sampling
 from trainer_core.blockswap import (
     MemoryEstimate,
     activation_bytes,
+    block_hidden_states,
+    block_width,
     bytes_on_device,
     fewest_blocks_that_fit,
     swapped_indices,
@@ -359,14 +361,28 @@ def test_swapped_indices_spread_the_blocks_between_unswapped_ones():
 
 
 def test_the_activation_estimate_in_numbers():
-    # Flux dev at 1024x1024, batch 1: 64x64 patches of the 128x128 latent, 512 T5 tokens, width 3072,
-    # bf16, 57 blocks, a double block of 339 M parameters stored in fp8 (cast to bf16 per layer).
-    hidden_state = 1 * (4096 + 512) * 3072 * 2
-    assert hidden_state == 28_311_552
-    expected = (57 + 24) * hidden_state + 339_000_000 * 2
-    assert activation_bytes(1, 4096, 512, 3072, 2, 57, 339_000_000, weights_cast=True) == expected
+    # Flux dev at 1024x1024, batch 1: 64x64 patches of the 128x128 latent, 512 T5 tokens in the sequence,
+    # width 3072, bf16, 57 blocks, a double block of 339 M parameters stored in fp8 (cast to bf16 per layer).
+    hidden_state = 1 * (4096 + 512) * 3072
+    flux = block_hidden_states([3072] * 57, 1, 4096, 512)
+    assert flux == [hidden_state] * 57
+    expected = (57 + 24) * hidden_state * 2 + 339_000_000 * 2
+    assert activation_bytes(flux, 2, 339_000_000, weights_cast=True) == expected
     # Weights stored in the compute dtype are not cast: no extra copy.
-    assert activation_bytes(2, 4096, 512, 3072, 2, 57, 339_000_000, weights_cast=False) == (57 + 24) * 2 * hidden_state
+    assert activation_bytes(flux, 2, 339_000_000, weights_cast=False) == (57 + 24) * hidden_state * 2
+    # SDXL's UNet at 1024x1024: every latent pixel at 320 channels, a quarter of them at 640, a sixteenth at
+    # 1280; the text is not in the sequence (cross-attention).
+    assert block_hidden_states([320, 640, 1280], 2, 128 * 128, 0) == [2 * 16384 * 320, 2 * 4096 * 640,
+                                                                      2 * 1024 * 1280]
+
+
+def test_a_block_is_as_wide_as_its_first_convolution_takes_else_its_first_linear_layer():
+    """A UNet's ResBlock has a timestep-embedding linear layer of the widest size at every level."""
+    res_block = torch.nn.Module()
+    res_block.in_layers = torch.nn.Sequential(torch.nn.GroupNorm(32, 320), torch.nn.Conv2d(320, 640, 3))
+    res_block.emb_layers = torch.nn.Linear(1280, 640)
+    assert block_width(res_block) == 320
+    assert block_width(torch.nn.Sequential(torch.nn.Linear(3072, 9216), torch.nn.Linear(9216, 3072))) == 3072
 
 
 def test_the_auto_choice_swaps_the_fewest_blocks_that_fit():

@@ -50,7 +50,7 @@ RESIDENT_WINDOW = 3
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "adafactor": 4, "prodigy": 16}
 # Activation memory of a step, in hidden states (batch x tokens x width in the compute dtype): each
 # checkpointed block keeps its input (one hidden state), and one block at a time holds its recomputed
-# activations and their gradients (attention, the MLP's 4x expansion, norms: about 24).
+# activations and their gradients (attention, the MLP's 4x expansion, norms: about 24 of the largest).
 SAVED_PER_BLOCK = 1
 WORKING_HIDDEN_STATES = 24
 # What the estimate leaves unplanned: the allocator's fragmentation, kernel workspaces, the noise and
@@ -134,35 +134,53 @@ def chosen_swap_count(block_bytes: Sequence[int], estimate: MemoryEstimate, batc
     return count
 
 
-def activation_bytes(batch: int, image_tokens: int, text_tokens: int, width: int, compute_bytes: int,
-                     block_count: int, largest_block_parameters: int, weights_cast: bool) -> int:
-    """Estimated activation memory of one checkpointed training step (see SAVED_PER_BLOCK). Weights
-    stored in another dtype than the compute one (fp8) are cast layer by layer, and a block's backward
-    keeps its cast weights: one block's parameters in the compute dtype on top."""
-    hidden_state = batch * (image_tokens + text_tokens) * width * compute_bytes
+def activation_bytes(hidden_states: Sequence[int], compute_bytes: int, largest_block_parameters: int,
+                     weights_cast: bool) -> int:
+    """Estimated activation memory of one checkpointed training step, from the elements of each block's
+    input (`block_hidden_states`; see SAVED_PER_BLOCK). Weights stored in another dtype than the compute
+    one (fp8) are cast layer by layer, and a block's backward keeps its cast weights: one block's
+    parameters in the compute dtype on top."""
     cast = largest_block_parameters * compute_bytes if weights_cast else 0
-    return (SAVED_PER_BLOCK * block_count + WORKING_HIDDEN_STATES) * hidden_state + cast
+    return (SAVED_PER_BLOCK * sum(hidden_states) + WORKING_HIDDEN_STATES * max(hidden_states)) * compute_bytes + cast
 
 
 def block_width(block: nn.Module) -> int:
-    """The width of the hidden state a block works on: its first linear layer's input features."""
-    linear = next((m for m in block.modules() if isinstance(m, nn.Linear)), None)
-    return linear.in_features if linear is not None else 0
+    """The width of the hidden state a block works on: its first convolution's input channels (a UNet's
+    ResBlock, whose first linear layer takes the timestep embedding), else its first linear layer's input
+    features."""
+    for kind in (nn.Conv2d, nn.Linear):
+        layer = next((m for m in block.modules() if isinstance(m, kind)), None)
+        if layer is not None:
+            return layer.in_channels if kind is nn.Conv2d else layer.in_features
+    return 0
+
+
+def block_hidden_states(widths: Sequence[int], batch: int, image_tokens: int, text_tokens: int) -> list[int]:
+    """Elements of each block's input at a batch of `image_tokens` latent positions (patches). A DiT's blocks
+    all work on the full sequence, text tokens included (`text_tokens`; 0 for a UNet, whose text enters by
+    cross-attention); a UNet halves the side and doubles the width at each level, so a block
+    `width / narrowest` times wider than the narrowest sees that factor squared fewer positions (SDXL: 128²
+    at 320 channels, 64² at 640, 32² at 1280)."""
+    narrowest = min(widths)
+    return [batch * (image_tokens * narrowest**2 // width**2 + text_tokens) * width for width in widths]
 
 
 def estimate_step(diffusion_model: nn.Module, blocks: Sequence[nn.Module], lora_parameters: int, optimizer: str,
                   batch_shape: Sequence[int], text_tokens: int, compute_dtype: torch.dtype,
                   available: int) -> MemoryEstimate:
     """The memory a training step needs besides the blocks, at the run's largest batch (B, C, H, W):
-    image tokens are the latent's patches (the DiTs' `patch_size`; 1 for SDXL's UNet, whose first
-    level works on every latent pixel)."""
+    image tokens are the latent's patches (the DiTs' `patch_size`, whose sequences hold the text too; a
+    UNet (SDXL) has none and works on every latent pixel at its first level)."""
     batch, _, height, width = batch_shape
-    patch = getattr(diffusion_model, "patch_size", 1) or 1
+    patch = getattr(diffusion_model, "patch_size", None)
     compute_bytes = torch.empty((), dtype=compute_dtype).element_size()
     stored = {t.dtype for b in blocks for t in b.parameters()}
-    activations = activation_bytes(
-        batch, (height // patch) * (width // patch), text_tokens, max(map(block_width, blocks)), compute_bytes,
-        len(blocks), max(sum(p.numel() for p in b.parameters()) for b in blocks), stored != {compute_dtype})
+    hidden_states = block_hidden_states([block_width(b) for b in blocks], batch,
+                                        (height // (patch or 1)) * (width // (patch or 1)),
+                                        text_tokens if patch else 0)
+    activations = activation_bytes(hidden_states, compute_bytes,
+                                   max(sum(p.numel() for p in b.parameters()) for b in blocks),
+                                   stored != {compute_dtype})
     lora = lora_parameters * (4 + 4 + OPTIMIZER_STATE_BYTES[optimizer])
     rest = tensor_bytes(diffusion_model) - sum(map(tensor_bytes, blocks))
     return MemoryEstimate(rest_of_model=rest, lora=lora, activations=activations, available=available)
