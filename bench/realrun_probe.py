@@ -39,6 +39,7 @@ import os
 import sys
 import threading
 import time
+from pathlib import Path
 
 GIB = 1024**3
 SAMPLE_SECONDS = 0.02
@@ -166,6 +167,8 @@ class Probe:
                          allocator_backend=torch.cuda.get_allocator_backend())
             threading.Thread(target=self._sample_memory, name="realrun-memory", daemon=True).start()
             self._segment_at_peak_resets(torch)
+            if os.environ.get("REALRUN_OOM_REPORT"):
+                report_out_of_memory(torch, os.environ["REALRUN_OOM_REPORT"])
         # What ComfyUI made of it (names of 0.3.75; absent ones are left out).
         reserved = getattr(model_management, "extra_reserved_memory", None)
         state = getattr(model_management, "vram_state", None)
@@ -331,6 +334,43 @@ class _Loader(importlib.abc.Loader):
             self.probe.after_import(self.name, module)
         except Exception as error:  # noqa: BLE001 - measuring must never stop the run it measures
             self.probe.note(f"probe failed on {self.name}: {error!r}")
+
+
+# Frames worth naming in an out-of-memory report: the engine's, ComfyUI's, checkpointing's and the compiler's.
+REPORTED_FRAMES = ("trainer_core", "comfy/", "torch/utils/checkpoint", "torch/_functorch", "torch/_inductor",
+                   "torch/_dynamo", "torch/autograd")
+
+
+def report_out_of_memory(torch, path: str) -> None:
+    """REALRUN_OOM_REPORT: where the allocator runs out of memory, the tensors alive at that moment grouped by
+    where they were allocated (the three innermost frames of REPORTED_FRAMES), largest first, in `path`.
+    Records each allocation's Python stack: slower, for diagnosing runs only."""
+    torch.cuda.memory._record_memory_history(enabled="state", context="alloc", stacks="python")
+
+    def observer(device, allocating, device_allocated, device_free):
+        try:
+            write_report(allocating, device_allocated, device_free)
+        except Exception as error:  # noqa: BLE001 - the report must not replace the run's own error
+            Path(path).write_text(f"no report: {error!r}\n")
+
+    def write_report(allocating, device_allocated, device_free):
+        groups: dict[tuple, list[int]] = {}
+        for segment in torch.cuda.memory._snapshot()["segments"]:
+            for block in segment["blocks"]:
+                if block["state"] != "active_allocated":
+                    continue
+                frames = [f"{f['filename'].rsplit('site-packages/', 1)[-1]}:{f['line']} {f['name']}"
+                          for f in block.get("frames", []) if any(k in f["filename"] for k in REPORTED_FRAMES)]
+                key = (segment["stream"] != 0, *frames[:3])
+                groups.setdefault(key, []).append(block["size"])
+        lines = [f"out of memory allocating {allocating / GIB:.3f} GiB; allocated {device_allocated / GIB:.3f} GiB, "
+                 f"free {device_free / GIB:.3f} GiB; alive: {sum(map(sum, groups.values())) / GIB:.3f} GiB"]
+        for key, sizes in sorted(groups.items(), key=lambda item: -sum(item[1]))[:40]:
+            side = "side stream " if key[0] else ""
+            lines.append(f"{sum(sizes) / GIB:8.3f} GiB {len(sizes):5d} x {side}" + " <- ".join(key[1:]))
+        Path(path).write_text("\n".join(lines) + "\n")
+
+    torch._C._cuda_attach_out_of_memory_observer(observer)
 
 
 def install() -> Probe | None:
