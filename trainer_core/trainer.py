@@ -258,8 +258,12 @@ class Trainer:
             diffusion_model = self.family.diffusion_model
             if swapper is None:
                 make_autograd_safe(diffusion_model)
-            # Only the LoRA learns: no base weight may collect a gradient.
-            trainable = [(p, p.requires_grad) for p in diffusion_model.parameters()]
+            # Only the LoRA learns: no base weight may collect a gradient. The flags are kept by where each
+            # parameter lives, not by the tensor: with block swap the model loads (and make_autograd_safe
+            # replaces its inference tensors) after this, and a list of the tensors themselves would keep
+            # the replaced ones alive on the card, a second copy of every block that stays there.
+            trainable = [(owner, name, p.requires_grad) for owner in diffusion_model.modules()
+                         for name, p in owner._parameters.items() if p is not None]
             diffusion_model.requires_grad_(False)
             try:
                 self._prepare_samples()
@@ -287,9 +291,10 @@ class Trainer:
                 self.network.eval()
                 if self.text_encoding is not None:
                     self.text_encoding.loras.eval()
-                for parameter, requires_grad in trainable:
+                for owner, name, requires_grad in trainable:
                     # A swapped block keeps its own parameters, inference tensors where ComfyUI loaded the
                     # model; such a tensor takes its flag back only in inference mode.
+                    parameter = owner._parameters[name]
                     with torch.inference_mode(parameter.is_inference()):
                         parameter.requires_grad_(requires_grad)
                 comfy.model_management.soft_empty_cache()
