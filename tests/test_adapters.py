@@ -8,7 +8,6 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-import bitsandbytes.optim
 import comfy.lora
 import comfy.model_management
 import comfy.ops
@@ -39,6 +38,7 @@ from test_export import (
     weights_of,
     write_live_sd3,
 )
+from test_optim import trained_fused_and_per_tensor
 from test_server import pack_nodes
 from tiny_encoders import clip_files
 from tiny_models import MODEL_FACTORIES, random_inputs
@@ -48,7 +48,7 @@ from trainer_core import cli, export, headless, yaml_config
 from trainer_core.config import ConfigError, LoraConfig, SaveConfig, check_save_format
 from trainer_core.job import TrainingJob
 from trainer_core.lora import LoraNetwork, factorization, lora_layer_for
-from trainer_core.optim import QUANT_STATE, FusedAdamW8bit
+from trainer_core.optim import QUANT_STATE
 from trainer_core.trainer import Trainer
 
 FAMILIES = list(MODEL_FACTORIES)
@@ -267,15 +267,8 @@ def test_the_fused_8bit_adamw_trains_each_algorithm_as_bitsandbytes_per_tensor_o
     LoHa factors in 8-bit state) and updates them as bitsandbytes' AdamW8bit does one tensor at a time."""
     patcher = MODEL_FACTORIES["sd3"]()
     config = engine_train_config(optimizer="adamw8bit", steps=3, weight_decay=0.01, learning_rate=3e-3)
-    lora = lora_config(algorithm, rank=16, alpha=16.0)
-    fused = Trainer(patcher, fixed_samples(patcher, 2), lora, config)
-    reference = Trainer(patcher, fixed_samples(patcher, 2), lora, config)
-    assert isinstance(fused.optimizer, FusedAdamW8bit)
-    reference.optimizer = bitsandbytes.optim.AdamW8bit(reference.network.parameters(), lr=3e-3, weight_decay=0.01)
-    fused.run()
-    reference.run()
-    ours, theirs = fused.network.state_dict(), reference.network.state_dict()
-    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    fused = trained_fused_and_per_tensor(patcher, fixed_samples(patcher, 2), lora_config(algorithm, rank=16,
+                                                                                         alpha=16.0), config)
     kinds = {s[QUANT_STATE]["state1"].dtype for s in fused.optimizer.state_dict()["state"].values()}
     # LoKr's automatic split leaves no tensor of 4096 elements on this model: 32-bit state only.
     assert kinds == ({torch.float32} if algorithm == "lokr" else {torch.uint8, torch.float32})

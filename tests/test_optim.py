@@ -154,19 +154,28 @@ def test_a_state_that_does_not_fit_is_refused_and_nothing_changes(saved_by, shap
                for k, v in s[QUANT_STATE].items()), "a refused state left the optimizer changed"
 
 
-def test_trainer_with_adamw8bit_trains_as_bitsandbytes_per_tensor_optimizer():
-    """The default optimizer of a run, through the Trainer (gradient clipping, lr schedule, weight decay)."""
-    patcher = MODEL_FACTORIES["sd3"]()
-    config = train_config(optimizer="adamw8bit", steps=4, weight_decay=0.01, schedule="cosine", warmup_steps=1,
-                          learning_rate=3e-3)
-    fused = Trainer(patcher, fixed_samples(patcher), LoraConfig(rank=16, alpha=16), config)
-    reference = Trainer(patcher, fixed_samples(patcher), LoraConfig(rank=16, alpha=16), config)
+def trained_fused_and_per_tensor(patcher, samples, lora: LoraConfig, config) -> Trainer:
+    """Trains `lora` twice, with the run's fused AdamW8bit and with bitsandbytes' per-tensor AdamW8bit (lr 3e-3,
+    weight decay 0.01, as `config` must say), checks that both LoRAs are equal bit for bit, and returns the
+    fused run's trainer."""
+    fused = Trainer(patcher, samples, lora, config)
+    reference = Trainer(patcher, samples, lora, config)
     assert isinstance(fused.optimizer, FusedAdamW8bit)
     reference.optimizer = bitsandbytes.optim.AdamW8bit(reference.network.parameters(), lr=3e-3, weight_decay=0.01)
     fused.run()
     reference.run()
     ours, theirs = fused.network.state_dict(), reference.network.state_dict()
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    return fused
+
+
+def test_trainer_with_adamw8bit_trains_as_bitsandbytes_per_tensor_optimizer():
+    """The default optimizer of a run, through the Trainer (gradient clipping, lr schedule, weight decay)."""
+    patcher = MODEL_FACTORIES["sd3"]()
+    config = train_config(optimizer="adamw8bit", steps=4, weight_decay=0.01, schedule="cosine", warmup_steps=1,
+                          learning_rate=3e-3)
+    fused = trained_fused_and_per_tensor(patcher, fixed_samples(patcher), LoraConfig(rank=16, alpha=16), config)
+    ours = fused.network.state_dict()
     assert any(not torch.equal(v, fixed) for v, fixed in zip(ours.values(), Trainer(
         patcher, fixed_samples(patcher), LoraConfig(rank=16, alpha=16), config).network.state_dict().values(),
         strict=True)), "the LoRA did not train"
