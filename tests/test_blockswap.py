@@ -445,6 +445,9 @@ def test_auto_reads_the_free_memory_says_how_many_it_swaps_and_the_run_reports_i
                                                                                    expected):
     # The free memory the run reads (here the CPU's RAM): a terabyte, then nothing at all.
     monkeypatch.setattr(trainer_core.trainer, "device_memory_available", lambda device: free_mib << 20)
+    unloads = []
+    unload = comfy_compat.unload_models
+    monkeypatch.setattr(comfy_compat, "unload_models", lambda models: unloads.append(models) or unload(models))
     patcher = deep_flux()
     trainer = Trainer(patcher, fixed_samples(patcher), LoraConfig(rank=4),
                       train_config(steps=2, gradient_checkpointing=True, blocks_to_swap=-1))
@@ -455,6 +458,9 @@ def test_auto_reads_the_free_memory_says_how_many_it_swaps_and_the_run_reports_i
     assert [e.data["blocks_swapped"] for e in events if e.kind == "step"] == [expected, expected]
     assert f"block swap (auto): {expected} of 7 blocks" in caplog.text
     assert ("even with every block swapped the estimate exceeds the free memory" in caplog.text) == (expected == 7)
+    # Where nothing is swapped the model stays as ComfyUI loaded it; where blocks are, it leaves the card
+    # before they are stored away and after the run.
+    assert len(unloads) == (0 if expected == 0 else 2)
 
 
 def test_wrong_settings_are_named():

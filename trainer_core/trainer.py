@@ -315,15 +315,14 @@ class Trainer:
 
     def _block_swapper(self, blocks: list[torch.nn.Module]) -> BlockSwapper | None:
         """The swapper of this run's `blocks_to_swap` (blockswap.py), or None where nothing is swapped.
-        The model leaves the card first, also where ComfyUI had loaded it partially: the swapped blocks
-        are stored from host memory, and "auto" reads the card's free memory without the model."""
+        Where blocks are swapped the model leaves the card first, also where ComfyUI had loaded it
+        partially: the swapped blocks are stored from host memory."""
         wanted = self.config.blocks_to_swap
         if wanted == 0:
             return None
         if wanted == BLOCKS_TO_SWAP_AUTO and not self.config.gradient_checkpointing:
             # Swapping needs per-block checkpoints; auto, the default, then keeps every block on the card.
             return None
-        comfy_compat.unload_models([self.patcher])
         if wanted > len(blocks):
             raise ConfigError(f"train.blocks_to_swap: {wanted} is more than the {len(blocks)} blocks this model has; "
                               f"give at most {len(blocks)}, or -1 (auto)")
@@ -331,6 +330,7 @@ class Trainer:
         self.blocks_swapped = count
         if count == 0:
             return None
+        comfy_compat.unload_models([self.patcher])
         swapper = BlockSwapper(blocks, swapped_indices(len(blocks), count), self.device)
         log.info("block swap: %d of %d blocks (%.2f GiB) stay in host memory and visit %s one at a time",
                  count, len(blocks), swapper.swapped_bytes / 2**30, self.device)
@@ -341,11 +341,13 @@ class Trainer:
 
     def _auto_swap_count(self, blocks: list[torch.nn.Module]) -> int:
         """The fewest blocks to swap for a step at the run's largest batch to fit the card's free memory
-        (less what ComfyUI keeps in reserve), from blockswap's estimate."""
+        without the model (less what ComfyUI keeps in reserve), from blockswap's estimate. What ComfyUI has
+        of the model on the card counts as free: where nothing is swapped it stays there (no unload and
+        reload for the common case), and where blocks are swapped the model leaves the card first."""
         batch_shape = max(self.order.batch_shapes(), key=math.prod)
         text_tokens = max((t.shape[0] for s in self.samples for c in (s.conditioning, *(a for _, a in s.alternatives))
                            for t in c.values() if t.ndim == 2), default=0)
-        available = device_memory_available(self.device)
+        available = device_memory_available(self.device) + self.patcher.loaded_size()
         estimate = estimate_step(self.family.diffusion_model, blocks, sum(p.numel() for p in self.network.parameters()),
                                  self.config.optimizer, batch_shape, text_tokens, self.family.compute_dtype(),
                                  available)
