@@ -329,8 +329,11 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(files, tmp_path, 
     del config["sample"]
     path = write(tmp_path, config)
     command = [sys.executable, "-m", "trainer_core", "train", str(path), "--cpu"]
+    # Ctrl-C's default disposition, as in a terminal: a test run started as a shell's background job ignores
+    # SIGINT, and the child would inherit that and never stop.
     process = subprocess.Popen(command, cwd=REPO_ROOT, env=os.environ | {"COMFYUI_PATH": str(COMFY_HOST)},
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     watchdog = threading.Timer(120, process.kill)
     watchdog.start()
     try:
