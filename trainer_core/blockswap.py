@@ -7,9 +7,8 @@ checkpoint's recompute during backward, and in previews. Its copy starts on a si
 block before it (in the direction the model runs: forward, or backward for recomputes) starts, so the
 copy overlaps that block's compute, and it is let go as soon as the block returns. The host runs ahead
 of the device (it reads a step's loss only at its end): before each copy it waits until the device has
-begun the swapped block visited two before, so that at most three swapped blocks' copies exist at once.
-Without that wait the host queued copy after copy, each in fresh memory, while the device still ran
-blocks far behind (Flux fp8 on 12 GB: 1-3 GiB over the estimate, out of memory in step 1).
+begun the swapped block visited two before, so that at most three swapped blocks' copies exist at once,
+however far ahead the host is (each copy is fresh memory, reusable only once the device is done with it).
 
 Residency is per tensor slot: while a block is away, each of its parameters and buffers is a placeholder
 on the meta device (anything that uses it by mistake fails loudly); while it computes, the slot holds a

@@ -137,7 +137,7 @@ class TrainConfig:
     cuda_graphs: str = "auto"
     # Blocks of the diffusion model kept in host memory and copied to the card just before they compute
     # (blockswap.py): 0 keeps all on the card; BLOCKS_TO_SWAP_AUTO (-1, the default) swaps none where the
-    # model fits the card and else the fewest that let a step fit (on a GPU, with gradient_checkpointing);
+    # model fits the card and else the fewest that let a step fit (none without gradient_checkpointing);
     # a count needs gradient_checkpointing.
     blocks_to_swap: int = BLOCKS_TO_SWAP_AUTO
     seed: int = 0
