@@ -96,5 +96,16 @@ def comfy_dirs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny SD3 + CLIP-L + VAE files under `models/`, and a captioned dataset of 64 px images in `data/`: what the
+    `lora-train` tests train from (each module writes its own)."""
+    root = tmp_path_factory.mktemp("cli_files")
+    graph_data.write_sd3_loader_files(root / "models")
+    graph_data.write_dataset(root / "data")
+    return root
+
+
 # Fixtures of the other test helpers, registered here so every test module can request them.
+import graph_data  # noqa: E402
 from live_server import comfy_server  # noqa: E402, F401

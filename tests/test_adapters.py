@@ -14,7 +14,6 @@ import comfy.ops
 import comfy.sd
 import comfy.utils
 import comfy.weight_adapter.base
-import graph_data
 import pytest
 import safetensors
 import torch
@@ -408,20 +407,11 @@ def test_the_yaml_names_the_line_of_a_wrong_network_type_or_factor(tmp_path):
         headless.build(config, LoraConfig, headless.LORA_KEYS)
 
 
-@pytest.fixture(scope="module")
-def sd3_files(tmp_path_factory) -> Path:
-    """Tiny SD3 + CLIP-L + VAE files and a captioned dataset, as tests/test_cli.py's runs use them."""
-    root = tmp_path_factory.mktemp("adapters_cli_files")
-    graph_data.write_sd3_loader_files(root / "models")
-    graph_data.write_dataset(root / "data")
-    return root
-
-
 @pytest.mark.parametrize("algorithm", ["lokr", "dora"])
-def test_lora_train_trains_resumes_and_writes_the_algorithms_file(sd3_files, tmp_path, caplog, algorithm):
+def test_lora_train_trains_resumes_and_writes_the_algorithms_file(files, tmp_path, caplog, algorithm):
     """`lora-train` with ai-toolkit's `network.type`: the run, its checkpoint resumed to more steps, and a file
     ComfyUI's LoRA loading takes whole (LoKr and DoRA: a second factor / a magnitude beside LoRA's keys)."""
-    config = short_form(sd3_files)
+    config = short_form(files)
     config["network"] = {"type": algorithm, "linear": 4, "linear_alpha": 4, "lokr_factor": 4}
     path = write(tmp_path, config)
     assert cli.main(["train", str(path), "--cpu"]) == 0
@@ -432,7 +422,7 @@ def test_lora_train_trains_resumes_and_writes_the_algorithms_file(sd3_files, tmp
     lora_file = export.load_lora_file(lora_path)
     assert lora_file.algorithm == algorithm and lora_file.metadata["ss_steps"] == str(config["train"]["steps"])
     assert json.loads(lora_file.metadata["ss_network_args"])["algo"] == {"lokr": "lokr", "dora": "lora"}[algorithm]
-    model = comfy.sd.load_diffusion_model(str(sd3_files / "models/diffusion_models/tiny_sd3.safetensors"))
+    model = comfy.sd.load_diffusion_model(str(files / "models/diffusion_models/tiny_sd3.safetensors"))
     lora = comfy.utils.load_torch_file(str(lora_path))
     caplog.clear()
     with caplog.at_level(logging.WARNING):
@@ -441,8 +431,8 @@ def test_lora_train_trains_resumes_and_writes_the_algorithms_file(sd3_files, tmp
     assert len(patched.patches) == len(lora_file.layers)
 
 
-def test_lora_train_refuses_the_diffusers_format_for_loha_naming_the_line(sd3_files, tmp_path, caplog):
-    config = short_form(sd3_files)
+def test_lora_train_refuses_the_diffusers_format_for_loha_naming_the_line(files, tmp_path, caplog):
+    config = short_form(files)
     config["network"]["type"] = "loha"
     config["save"]["format"] = "diffusers"
     path = write(tmp_path, config)

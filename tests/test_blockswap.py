@@ -15,7 +15,6 @@ from types import SimpleNamespace
 
 import comfy.model_management
 import comfy.sample
-import graph_data
 import pytest
 import tiny_models
 import torch
@@ -555,15 +554,6 @@ def test_compiled_swapped_blocks_train_like_eager_ones_and_compile_once(monkeypa
     # The first step compiles; the steps after it, whose swapped block comes with new tensors, do not.
     frames = results["on"][1]
     assert frames[0] > 0 and frames[0] == frames[1] == frames[2]
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    """test_cli's files: tiny SD3 (2 joint blocks), CLIP-L and VAE files, and a captioned dataset."""
-    root = tmp_path_factory.mktemp("blockswap_files")
-    graph_data.write_sd3_loader_files(root / "models")
-    graph_data.write_dataset(root / "data")
-    return root
 
 
 def test_lora_train_reads_blocks_to_swap_as_a_count_or_auto_and_trains_with_it(files, tmp_path, caplog, capsys):

@@ -40,15 +40,6 @@ NOISE_SCHEDULERS = {"sdxl": "ddpm", "flux": "flowmatch"}
 STAND_IN_FAMILIES = {"sdxl_eps": "sdxl", "flux_dev": "flux"}
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory) -> Path:
-    """Tiny SD3 + CLIP-L + VAE files under `models/`, and a captioned dataset of 64 px images in `data/`."""
-    root = tmp_path_factory.mktemp("cli_files")
-    graph_data.write_sd3_loader_files(root / "models")
-    graph_data.write_dataset(root / "data")
-    return root
-
-
 def sd3_model(files: Path) -> dict:
     return {
         "name_or_path": str(files / "models/diffusion_models/tiny_sd3.safetensors"),

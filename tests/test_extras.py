@@ -10,7 +10,6 @@ import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
-import graph_data
 import pytest
 import safetensors.torch
 import test_data
@@ -45,15 +44,6 @@ def dataset(tmp_path_factory) -> Path:
     """test_data's dataset: 4 images, one of them in a 3_person repeat folder."""
     root = tmp_path_factory.mktemp("dataset")
     test_data.write_dataset(root)
-    return root
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory) -> Path:
-    """test_cli's files: tiny SD3 + CLIP-L + VAE files, and a captioned dataset of 4 images."""
-    root = tmp_path_factory.mktemp("cli_files")
-    graph_data.write_sd3_loader_files(root / "models")
-    graph_data.write_dataset(root / "data")
     return root
 
 

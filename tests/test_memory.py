@@ -14,7 +14,7 @@ import tiny_encoders
 import torch
 from comfy_api.latest import io
 from graph_data import write_dataset
-from test_cli import files, short_form, write  # noqa: F401 - `files` is a fixture
+from test_cli import short_form, write
 from test_server import PACK_MODULE, import_pack
 from tiny_models import MODEL_FACTORIES
 
@@ -49,7 +49,7 @@ def assert_held_as_trained(seen: list[list], trained, clip, vae) -> None:
     assert [id(m) for m in after_sample] == [id(m) for m in seen[SAMPLE_EVERY - 1]], "sampling left a model loaded"
 
 
-def test_lora_train_holds_neither_encoders_nor_vae_while_it_trains(files, tmp_path, monkeypatch):  # noqa: F811
+def test_lora_train_holds_neither_encoders_nor_vae_while_it_trains(files, tmp_path, monkeypatch):
     config = short_form(files)
     config["train"]["steps"], config["sample"]["sample_every"] = STEPS, SAMPLE_EVERY
     path = write(tmp_path, config)

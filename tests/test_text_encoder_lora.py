@@ -281,19 +281,9 @@ def test_train_lora_outputs_the_clip_with_its_lora_as_comfyuis_lora_loader_appli
     assert not np.array_equal(image("from_train_save"), image("base_clip_save"))
 
 
-@pytest.fixture(scope="module")
-def cli_files(tmp_path_factory):
-    from graph_data import write_dataset, write_sd3_loader_files
-
-    root = tmp_path_factory.mktemp("te_cli")
-    write_sd3_loader_files(root / "models")
-    write_dataset(root / "data")
-    return root
-
-
-def cli_config(cli_files) -> dict:
+def cli_config(files) -> dict:
     """lora-train's config for the tiny SD3 files with CLIP-L, training it (ai-toolkit's keys)."""
-    models = cli_files / "models"
+    models = files / "models"
     return {
         "name": "te_cli", "training_folder": "out",
         "model": {"name_or_path": str(models / "diffusion_models/tiny_sd3.safetensors"), "is_v3": True,
@@ -301,20 +291,20 @@ def cli_config(cli_files) -> dict:
                   "text_encoder_paths": [str(models / "text_encoders/clip_l.safetensors")]},
         "network": {"type": "lora", "linear": 4, "linear_alpha": 4},
         "save": {"dtype": "float32", "save_every": 2},
-        "datasets": [{"folder_path": str(cli_files / "data"), "resolution": 64, "caption_dropout_rate": 0.0}],
+        "datasets": [{"folder_path": str(files / "data"), "resolution": 64, "caption_dropout_rate": 0.0}],
         "train": {"steps": 4, "lr": 1e-3, "train_text_encoder": True, "text_encoder_lr": 5e-3, "optimizer": "adamw",
                   "gradient_checkpointing": False, "dtype": "fp32", "seed": 3},
         "sample": {"sample_every": 2, "width": 64, "height": 64, "prompts": ["a red circle"], "sample_steps": 2},
     }
 
 
-def test_lora_train_trains_the_text_encoder_from_ai_toolkits_keys(cli_files, tmp_path, caplog):
+def test_lora_train_trains_the_text_encoder_from_ai_toolkits_keys(files, tmp_path, caplog):
     import yaml
 
     from trainer_core import cli, loading
 
-    models = cli_files / "models"
-    config = cli_config(cli_files)
+    models = files / "models"
+    config = cli_config(files)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     assert cli.main(["train", str(path), "--cpu"]) == 0
@@ -345,7 +335,7 @@ def test_lora_train_trains_the_text_encoder_from_ai_toolkits_keys(cli_files, tmp
     assert "lora.text_encoders" in caplog.text
 
 
-def test_torchrun_with_text_encoders_trains_the_lora_of_one_process(cli_files, tmp_path):
+def test_torchrun_with_text_encoders_trains_the_lora_of_one_process(files, tmp_path):
     # Three images in batches of two, two micro-batches a step: every rank sums the text encoder's gradients too.
     import os
     import subprocess
@@ -357,7 +347,7 @@ def test_torchrun_with_text_encoders_trains_the_lora_of_one_process(cli_files, t
 
     from trainer_core import cli
 
-    config = cli_config(cli_files)
+    config = cli_config(files)
     config["datasets"][0]["folder_path"] = str(write_dataset(tmp_path / "three", count=3))
     config["train"] |= {"batch_size": 2, "gradient_accumulation": 2}
     del config["sample"]
