@@ -25,7 +25,7 @@ from test_engine import train_config as engine_train_config
 from test_export import (
     LATENT_HW,
     STARTED_AT,
-    CancelAt,
+    cancelled_at_2_and_resumed,
     load_through_comfyui,
     loaded,
     predict,
@@ -283,14 +283,7 @@ def test_cancel_then_resume_equals_training_straight_through(algorithm, tmp_path
     straight.run()
 
     save_config = SaveConfig(name=f"resume-{algorithm}", every=2, output_dir=str(tmp_path))
-    first_half = Trainer(patcher, samples(patcher), lora, config)
-    cancel = CancelAt(2)
-    job = cancel.job = TrainingJob(first_half, [export.CheckpointHook(save_config), cancel])
-    with job:
-        list(job.events())
-    job.result()
-    second_half = Trainer(patcher, samples(patcher), lora, config)
-    export.resume(second_half, export.checkpoints_folder(save_config))
+    _, second_half, _ = cancelled_at_2_and_resumed(patcher, lora, config, save_config)
     assert second_half.state.step == 2
     second_half.run()
     expected, actual = weights_of(straight), weights_of(second_half)

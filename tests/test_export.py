@@ -324,6 +324,19 @@ def weights_of(trainer: Trainer) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in trainer.network.state_dict().items()}
 
 
+def cancelled_at_2_and_resumed(patcher, lora: LoraConfig, config, save: SaveConfig):
+    """A run cancelled at step 2, where `save` writes a checkpoint, and a new trainer resumed from that
+    checkpoint: (the first run's events, the resumed trainer, what export.resume returned)."""
+    first_half = Trainer(patcher, samples(patcher), lora, config)
+    cancel = CancelAt(2)
+    job = cancel.job = TrainingJob(first_half, [export.CheckpointHook(save), cancel])
+    with job:
+        events = list(job.events())
+    job.result()
+    second_half = Trainer(patcher, samples(patcher), lora, config)
+    return events, second_half, export.resume(second_half, export.checkpoints_folder(save))
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
 def test_cancel_then_resume_equals_training_straight_through(optimizer, tmp_path):
     # Dropout draws from torch's global generator and 3 samples at batch 1 cross an epoch at step 3:
@@ -337,19 +350,12 @@ def test_cancel_then_resume_equals_training_straight_through(optimizer, tmp_path
 
     # Cancel lands on a periodic checkpoint's step: that checkpoint is the one to resume from, never written twice.
     save = SaveConfig(name=f"resume-{optimizer}", every=2, output_dir=str(tmp_path))
-    first_half = Trainer(patcher, samples(patcher), lora, config)
-    cancel = CancelAt(2)
-    job = cancel.job = TrainingJob(first_half, [export.CheckpointHook(save), cancel])
-    with job:
-        events = list(job.events())
-    job.result()
+    events, second_half, resumed = cancelled_at_2_and_resumed(patcher, lora, config, save)
     saved = [e.data for e in events if e.kind == "saved"]
     assert [(e["kind"], e["step"]) for e in saved] == [("checkpoint", 2)]
     assert Path(saved[0]["lora"]).is_file()
     assert [p.name for p in export.checkpoints_folder(save).iterdir()] == ["step-000002"]
-
-    second_half = Trainer(patcher, samples(patcher), lora, config)
-    assert export.resume(second_half, export.checkpoints_folder(save)).folder == Path(saved[0]["path"])
+    assert resumed.folder == Path(saved[0]["path"])
     assert second_half.state.step == 2
     second_half.run()
     expected, actual = weights_of(straight), weights_of(second_half)
