@@ -67,10 +67,13 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
-if str(BENCH) not in sys.path:
-    sys.path.insert(0, str(BENCH))
+for folder in (BENCH, REPO):
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
 
 import realrun_files  # noqa: E402
+
+from trainer_core.config import OPTIMIZERS  # noqa: E402
 
 log = logging.getLogger("realrun")
 
@@ -136,6 +139,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--blocks-to-swap", type=swap_setting, default=None, metavar="N|auto",
                         help="train.blocks_to_swap / the node's blocks_to_swap: N blocks, or auto (default: the "
                              "product's, auto)")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
+                        help="train.optimizer / the node's optimizer (default: the product's, adamw8bit); to "
+                             "measure what the default optimizer costs a step")
+    parser.add_argument("--square", action="store_true",
+                        help="a dataset of one bucket (square images) instead of three aspect-ratio buckets; to "
+                             "measure what the buckets cost")
     parser.add_argument("--child", choices=("generate", "cli", "server"), help=argparse.SUPPRESS)
     parser.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -278,7 +287,7 @@ class Bench:
         swap = "" if args.blocks_to_swap is None else f"-swap-{swap_text(args.blocks_to_swap)}"
         text_encoders = "" if args.text_encoders == "none" else f"-te-{args.text_encoders.replace('+', '-')}"
         self.name = (f"realrun-{self.label}{text_encoders}-{cards}gb-{args.entry}" + ("-dop" if args.dop else "")
-                     + swap)
+                     + swap + (f"-{args.optimizer}" if args.optimizer else "") + ("-square" if args.square else ""))
         self.header: dict = {}
 
     def remaining(self) -> float:
@@ -324,7 +333,9 @@ class Bench:
                 sys.exit(f"writing the model files failed ({error}); the child's error is above")
             generated = time.monotonic() - started
         dataset_folder = args.work / ("dataset-tiny" if args.tiny else "dataset-1024")
-        self.dataset = realrun_files.write_dataset(dataset_folder, args.tiny, TRIGGER)
+        if args.square:
+            dataset_folder = dataset_folder.with_name(dataset_folder.name + "-square")
+        self.dataset = realrun_files.write_dataset(dataset_folder, args.tiny, TRIGGER, args.square)
         self.header = {
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "gpu": self.gpu, "model": self.label, "label": realrun_files.LABELS[self.label],
@@ -332,6 +343,7 @@ class Bench:
             "files_written_s": round(generated, 1), "dataset": self.dataset, "steps": args.steps,
             "warmup": args.warmup, "sample_every": args.sample_every, "save_every": args.save_every,
             "prompts": list(SAMPLE_PROMPTS[:args.prompts]), "commit": git_commit(), "dop_class": DOP_CLASS,
+            "optimizer": args.optimizer or "default",
             "command": " ".join(sys.argv),
         }
 
@@ -533,7 +545,7 @@ def cli_config(bench: Bench, run_dir: Path, dop: bool = False) -> str:
     size = 64 if args.tiny else 1024
     config = {
         "name": "realrun", "training_folder": str(run_dir / "output"), "trigger_word": TRIGGER, "model": model,
-        "train": {"steps": args.steps} | (
+        "train": {"steps": args.steps} | ({"optimizer": args.optimizer} if args.optimizer else {}) | (
             {"diff_output_preservation": True, "diff_output_preservation_class": DOP_CLASS} if dop else {}) | (
             {} if args.blocks_to_swap is None else {"blocks_to_swap": swap_text(args.blocks_to_swap)}),
         "network": {"text_encoders": args.text_encoders},
@@ -587,6 +599,7 @@ def node_graph(bench: Bench, info: dict, run_dir: Path, dop: bool = False) -> di
         "sample_every": args.sample_every, "sample_prompts": "\n".join(SAMPLE_PROMPTS[:args.prompts]),
         "sample_size": 64 if args.tiny else 1024,
         **({} if args.blocks_to_swap is None else {"blocks_to_swap": args.blocks_to_swap}),
+        **({"optimizer": args.optimizer} if args.optimizer else {}),
         "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "dataset": ["2", 0], "lora_config": ["3", 0],
     }
     return {

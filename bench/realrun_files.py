@@ -225,12 +225,15 @@ SUBJECTS = ("a red fox", "a lighthouse", "a bowl of lemons", "a mountain lake", 
             "a wooden boat", "a city street at night", "a bunch of tulips", "a steam locomotive")
 
 
-def write_dataset(folder: Path, tiny: bool, trigger: str) -> dict:
+def write_dataset(folder: Path, tiny: bool, trigger: str, square: bool = False) -> dict:
     """JPEG images (smooth colour fields with a few shapes, seeded) with same-name .txt captions, in three
-    aspect-ratio buckets; written once (a folder that already holds them is kept). Returns what it holds."""
+    aspect-ratio buckets, or with `square` as many in the square bucket alone; written once (a folder that
+    already holds them is kept). Returns what it holds."""
     from PIL import Image, ImageDraw, ImageFilter
 
     buckets = BUCKETS_TINY if tiny else BUCKETS_1024
+    if square:
+        buckets = ((buckets[0][0], sum(count for _, count in buckets)),)
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(0)
     index = 0

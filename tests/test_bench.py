@@ -129,6 +129,27 @@ def test_the_real_run_bench_with_dop_runs_each_configuration_without_and_with_it
     assert f"- DOP, cli 8 GB: {dop:.3f} s/step against {plain:.3f} without: {dop - plain:+.3f} s per step" in table
 
 
+def test_the_real_run_bench_can_swap_the_optimizer_and_use_one_bucket(comfy_host: Path, tmp_path: Path) -> None:
+    """`--optimizer adamw --square` (what the default 8-bit optimizer and the aspect-ratio buckets cost a step):
+    the run's YAML names the optimizer, and every step comes from the one square bucket."""
+    work = tmp_path / "realrun"
+    command = [sys.executable, "bench/realrun.py", "--tiny", "--cpu", "--card-gb", "8", "--entry", "cli",
+               "--optimizer", "adamw", "--square", "--steps", "4", "--warmup", "1", "--sample-every", "4",
+               "--save-every", "4", "--work", str(work)]
+    environment = os.environ | {"COMFYUI_PATH": str(comfy_host), "OMP_NUM_THREADS": "1"}
+    finished = subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=1200)
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+
+    document = json.loads((work / "results" / "realrun-tiny-8gb-cli-adamw-square.json").read_text())
+    assert document["optimizer"] == "adamw"
+    assert len(document["dataset"]["buckets"]) == 1 and document["dataset"]["images"] == 9
+    run = document["runs"][0]
+    assert run["status"] == "ok"
+    assert json.loads((Path(run["run_dir"]) / "config.yaml").read_text())["train"]["optimizer"] == "adamw"
+    assert run["buckets"] == ["128x128"]
+    assert len(run["steps"]) == 4
+
+
 def test_the_block_swap_bench_measures_copies_and_compute_per_block_kind(comfy_host: Path, tmp_path: Path) -> None:
     results = tmp_path / "blockswap.json"
     command = [sys.executable, "bench/blockswap.py", "--smoke", "--models", "flux", "--weights", "bf16",
