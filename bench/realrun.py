@@ -234,12 +234,20 @@ def child_server(rest: list[str]) -> int:
 # -- the parent: files, runs, readings ----------------------------------------------------------------------
 
 
+def visible_gpu(environment=os.environ) -> str:
+    """The GPU the runs use, as nvidia-smi's `-i` names it: the first of CUDA_VISIBLE_DEVICES (an index or a
+    UUID), else 0. nvidia-smi itself ignores CUDA_VISIBLE_DEVICES and lists every GPU of the host, so a run on
+    GPU 1 beside another on GPU 0 would read both."""
+    visible = environment.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+    return visible or "0"
+
+
 def gpu_info() -> dict | None:
-    """Name, total memory (GiB) and driver of GPU 0 from nvidia-smi; None where there is none."""
+    """Name, total memory (GiB) and driver of the runs' GPU from nvidia-smi; None where there is none."""
     if shutil.which("nvidia-smi") is None:
         return None
     try:
-        line = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
+        line = subprocess.run(["nvidia-smi", "-i", visible_gpu(), "--query-gpu=name,memory.total,driver_version",
                                "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=30,
                               check=True).stdout.splitlines()[0]
     except (subprocess.SubprocessError, IndexError):
@@ -249,12 +257,13 @@ def gpu_info() -> dict | None:
 
 
 class MemoryUsedPoller:
-    """nvidia-smi's memory.used of GPU 0 every 100 ms, stamped with time.monotonic() as read."""
+    """nvidia-smi's memory.used of the runs' GPU every 100 ms, stamped with time.monotonic() as read."""
 
     def __init__(self):
         self.samples: list[tuple[float, float]] = []
         self._process = subprocess.Popen(
-            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-lms", "100"],
+            ["nvidia-smi", "-i", visible_gpu(), "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+             "-lms", "100"],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
         self._thread = threading.Thread(target=self._read, name="nvidia-smi", daemon=True)
         self._thread.start()
@@ -858,13 +867,19 @@ def compile_losses(steps: list[dict], median: float | None) -> dict:
 
 
 def phase_table(segments: list[dict], smi: list[tuple[float, float]]) -> dict:
-    """Per phase: seconds, and peak GiB allocated / reserved by PyTorch (exact where a segment raised the
-    overall peak, else the sampler's largest reading: `*_exact` false) and nvidia-smi's memory.used."""
+    """Per phase: seconds, peak GiB allocated / reserved by PyTorch (exact where a segment raised the
+    overall peak, else the sampler's largest reading: `*_exact` false), nvidia-smi's memory.used, and the
+    allocator's retries (each a freeing of its cache and a device-wide synchronisation) and device
+    allocations."""
     phases: dict[str, dict] = {}
     for segment in segments:
         phase = phases.setdefault(segment["phase"], {"seconds": 0.0, "segments": 0})
         phase["seconds"] += segment["t1"] - segment["t0"]
         phase["segments"] += 1
+        for counter in ("retries", "device_allocs"):
+            if f"{counter}_end" in segment:
+                phase[f"allocator_{counter}"] = (phase.get(f"allocator_{counter}", 0)
+                                                 + segment[f"{counter}_end"] - segment[f"{counter}_start"])
         for kind in ("allocated", "reserved"):
             if not (segment[f"{kind}_peak_end"] or segment[f"{kind}_seen"]):
                 continue  # no CUDA in this process

@@ -9,7 +9,9 @@ product never imports it.
 - `comfy.cli_args`: ComfyUI's `--reserve-vram` is set when the command line did not set it;
 - `comfy.model_management` (which starts CUDA): PyTorch's allocator is capped at the simulated card's size
   less what this process already holds outside the allocator (its CUDA context, as on a real card), with
-  `torch.cuda.set_per_process_memory_fraction`, and a thread starts sampling the allocator's current memory;
+  `torch.cuda.set_per_process_memory_fraction`; the rest of the GPU is taken from the driver, so that the
+  card's end is physical for cudaMallocAsync's pool too; and a thread starts sampling the allocator's
+  current memory;
 - the pack's engine modules, wherever they are imported from (`trainer_core.X` for the command line,
   `<pack folder>.trainer_core.X` in a ComfyUI server): its loading, dataset caching, prompt encoding,
   training, sampling and saving functions are wrapped to mark phases, and each event a TrainingJob sends is
@@ -18,8 +20,9 @@ product never imports it.
 Records go to the JSON-lines file named by REALRUN_PROBE, one per line, with `time.monotonic()` stamps
 (one clock for every process of the machine, so the bench lines them up with nvidia-smi's readings):
 - {"kind": "setup", ...}: the card, cap, context, ComfyUI's reserve and memory state, the allocator backend;
-- {"kind": "segment", "phase", "t0", "t1", peaks}: a stretch of time in one phase (phases nest: sampling
-  inside training), with the allocator's peaks: `max_memory_allocated`/`_reserved` at its start and end
+- {"kind": "segment", "phase", "t0", "t1", peaks, counters}: a stretch of time in one phase (phases nest:
+  sampling inside training), with the allocator's retry and device-allocation counts at its start and end,
+  and the allocator's peaks: `max_memory_allocated`/`_reserved` at its start and end
   (a peak reached in this segment shows as an increase, and is then exact), and the largest current values
   the sampling thread saw (a lower bound of the segment's peak where it set no new overall peak). The probe
   never resets the peak counters; the engine does when a run starts (the peak VRAM it shows is the run's),
@@ -52,6 +55,7 @@ class Probe:
         self.card_gib = card_gib
         self.reserve_gib = reserve_gib
         self.cuda = False
+        self.held_beyond_card = 0  # bytes taken from the driver so that the card's size is also physical
         self._lock = threading.Lock()
         self._file = open(path, "a", buffering=1)  # noqa: SIM115 - open for the process's life
         self._stack: list[str] = []
@@ -80,11 +84,24 @@ class Probe:
         return (stats.get("allocated_bytes.all.current", 0), stats.get("reserved_bytes.all.current", 0),
                 stats.get("allocated_bytes.all.peak", 0), stats.get("reserved_bytes.all.peak", 0))
 
+    def _allocator_counters(self) -> dict:
+        """How often the allocator has run out of its cache and freed it to retry (each time a device-wide
+        synchronisation), and how often it asked the driver for memory: the cost of running at the card's
+        limit. Zeros without CUDA, and where the allocator backend keeps no such count (cudaMallocAsync)."""
+        if not self.cuda:
+            return {"retries": 0, "device_allocs": 0}
+        import torch
+
+        stats = torch.cuda.memory_stats()
+        return {"retries": stats.get("num_alloc_retries", 0), "device_allocs": stats.get("num_device_alloc", 0)}
+
     def _new_segment(self) -> dict:
         phase = self._stack[-1] if self._stack else ("setup" if self._phases_seen else "startup")
         allocated, reserved, allocated_peak, reserved_peak = self._memory()
+        counters = {f"{name}_start": value for name, value in self._allocator_counters().items()}
         return {"phase": phase, "t0": time.monotonic(), "allocated_peak_start": allocated_peak,
-                "reserved_peak_start": reserved_peak, "allocated_seen": allocated, "reserved_seen": reserved}
+                "reserved_peak_start": reserved_peak, "allocated_seen": allocated, "reserved_seen": reserved,
+                **counters}
 
     @contextlib.contextmanager
     def phase(self, name: str):
@@ -107,7 +124,8 @@ class Probe:
         allocated, reserved, allocated_peak, reserved_peak = self._memory()
         segment.update(t1=time.monotonic(), allocated_peak_end=allocated_peak, reserved_peak_end=reserved_peak,
                        allocated_seen=max(segment["allocated_seen"], allocated),
-                       reserved_seen=max(segment["reserved_seen"], reserved))
+                       reserved_seen=max(segment["reserved_seen"], reserved),
+                       **{f"{name}_end": value for name, value in self._allocator_counters().items()})
         self._file.write(json.dumps({"kind": "segment", **segment}) + "\n")
 
     def finish(self) -> None:
@@ -144,7 +162,8 @@ class Probe:
 
         def simulated(device=None):
             free, total = real(device)
-            return max(0, free - max(0, total - card)), min(total, card)
+            # What the process holds beyond the card (cap_allocator) is already missing from the free memory.
+            return max(0, free - max(0, total - card - self.held_beyond_card)), min(total, card)
 
         self._real_mem_get_info = real
         cuda_memory_module.mem_get_info = simulated
@@ -163,6 +182,7 @@ class Probe:
                 cap = min(total, self.card_gib * GIB - context)
                 torch.cuda.set_per_process_memory_fraction(cap / total, device)
                 setup["allocator_cap_gib"] = cap / GIB
+                setup["held_beyond_card_gib"] = self._hold_beyond_card(torch, device, free, total) / GIB
             setup.update(total_gib=total / GIB, context_gib=context / GIB,
                          allocator_backend=torch.cuda.get_allocator_backend())
             threading.Thread(target=self._sample_memory, name="realrun-memory", daemon=True).start()
@@ -176,6 +196,35 @@ class Probe:
                      comfy_vram_state=getattr(state, "name", None),
                      comfy_total_vram_gib=getattr(model_management, "total_vram", 0) / 1024)
         self.record("setup", **setup)
+
+    def _hold_beyond_card(self, torch, device, free: int, total: int) -> int:
+        """Takes the memory beyond the simulated card from the driver (`cuMemAlloc`, outside PyTorch's allocator,
+        held for the process's life), so that the card's size is a physical limit too. The fraction caps only
+        the bytes PyTorch has in use; cudaMallocAsync (a ComfyUI server's default allocator) keeps what was freed
+        in its pool, and on a real card that pool meets the card's end, is trimmed and retried; here it would
+        grow into the rest of the GPU instead. Returns the bytes held (0 where they could not be taken, noted)."""
+        import ctypes
+
+        size = total - int(self.card_gib * GIB)
+        if size <= 0:
+            return 0
+        if size >= free:
+            self.note(f"the GPU has {free / GIB:.1f} GiB free, not the {size / GIB:.1f} GiB beyond the simulated "
+                      "card: only the allocator's cap simulates it")
+            return 0
+        try:
+            driver = ctypes.CDLL("libcuda.so.1")
+            pointer = ctypes.c_uint64()
+            with torch.cuda.device(device):  # makes the device's primary context current in this thread
+                status = driver.cuMemAlloc_v2(ctypes.byref(pointer), ctypes.c_size_t(size))
+        except OSError as error:
+            status = str(error)
+        if status != 0:
+            self.note(f"could not hold the {size / GIB:.1f} GiB beyond the simulated card (cuMemAlloc: {status}): "
+                      "only the allocator's cap simulates it")
+            return 0
+        self.held_beyond_card = size
+        return size
 
     def _segment_at_peak_resets(self, torch) -> None:
         """A reset of the peak counters (the engine's, as a run starts) ends a segment and starts the next."""

@@ -78,17 +78,20 @@ def test_real_run_step_times_leave_out_previews_and_count_compiles() -> None:
         return {"kind": "event", "t": t, "event": kind, "data": {"step": step} if step else {"compiling": True},
                 "frames": frames}
 
-    def segment(phase, t0, t1, peak_start, peak_end, seen):
+    def segment(phase, t0, t1, peak_start, peak_end, seen, retries=(0, 0), device_allocs=(0, 0)):
         return {"kind": "segment", "phase": phase, "t0": t0, "t1": t1, "allocated_peak_start": peak_start * gib,
                 "allocated_peak_end": peak_end * gib, "allocated_seen": seen * gib, "reserved_peak_start": 0,
-                "reserved_peak_end": 0, "reserved_seen": 0}
+                "reserved_peak_end": 0, "reserved_seen": 0, "retries_start": retries[0], "retries_end": retries[1],
+                "device_allocs_start": device_allocs[0], "device_allocs_end": device_allocs[1]}
 
     records = [
         event(0.0, "started"), event(10.0, "step", 1, frames=50), event(10.5, "step", 2, frames=50),
-        event(11.0, "step", 3, frames=50), segment("sampling", 11.1, 13.1, 6.0, 6.0, 4.5),
+        event(11.0, "step", 3, frames=50),
+        segment("sampling", 11.1, 13.1, 6.0, 6.0, 4.5, retries=(1, 1), device_allocs=(12, 12)),
         event(13.5, "step", 4, frames=50), event(14.5, "step", 5, frames=50), event(14.5, "step", 6, frames=50),
         event(20.0, "step", 7, frames=60), event(20.5, "step", 8, frames=60),
-        segment("training", 0.0, 11.1, 0.0, 6.0, 5.0),
+        segment("training", 0.0, 11.1, 0.0, 6.0, 5.0, retries=(0, 1), device_allocs=(3, 12)),
+        segment("training", 13.1, 21.0, 6.0, 6.0, 5.5, retries=(1, 4), device_allocs=(12, 12)),
         *({"kind": "batch", "t": 0.0, "shape": [1, 16, 128, 128]} for _ in range(8)),
     ]
     result = realrun.summarize({"run_start": -5.0, "status": "ok"}, records, [], total_steps=8, warmup=1)
@@ -105,6 +108,22 @@ def test_real_run_step_times_leave_out_previews_and_count_compiles() -> None:
     assert result["phases"]["training"]["peak_allocated_exact"] is True
     assert result["phases"]["sampling"]["peak_allocated_gib"] == 4.5
     assert result["phases"]["sampling"]["peak_allocated_exact"] is False
+    # The allocator's retries and device allocations, summed over each phase's segments.
+    training, sampling = result["phases"]["training"], result["phases"]["sampling"]
+    assert (training["allocator_retries"], training["allocator_device_allocs"]) == (4, 9)
+    assert (sampling["allocator_retries"], sampling["allocator_device_allocs"]) == (0, 0)
+
+
+def test_the_real_run_bench_reads_nvidia_smi_of_the_runs_gpu_alone() -> None:
+    """nvidia-smi ignores CUDA_VISIBLE_DEVICES: the bench names the runs' GPU to it, so that a run on GPU 1
+    beside another on GPU 0 does not read the other's memory."""
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    import realrun
+
+    assert realrun.visible_gpu({"CUDA_VISIBLE_DEVICES": "1"}) == "1"
+    assert realrun.visible_gpu({"CUDA_VISIBLE_DEVICES": "3,2"}) == "3"
+    assert realrun.visible_gpu({"CUDA_VISIBLE_DEVICES": "GPU-5e1a,GPU-77b0"}) == "GPU-5e1a"
+    assert realrun.visible_gpu({}) == "0"
 
 
 def test_the_real_run_bench_with_dop_runs_each_configuration_without_and_with_it(comfy_host: Path,
@@ -163,3 +182,30 @@ def test_the_block_swap_bench_measures_copies_and_compute_per_block_kind(comfy_h
     for kind in kinds.values():
         assert kind["bytes"] > 0 and kind["copy_ms"] > 0 and kind["forward_ms"] > 0 and kind["backward_ms"] > 0
     assert "| Flux dev | bfloat16 | DoubleStreamBlock |" in finished.stdout
+
+
+def test_the_simulated_card_reports_the_same_free_memory_once_the_rest_of_the_gpu_is_held(tmp_path: Path) -> None:
+    """The probe's card simulation (a 12 GiB card on a 141 GiB GPU, as on the H200): `mem_get_info` reports the
+    card's size and the free memory within it, the same before the probe takes the memory beyond the card from
+    the driver and after (then the GPU's free memory is the card's); where the GPU lacks that much free memory
+    the probe holds nothing and notes why. No GPU here: the memory readings are made up."""
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    import types
+
+    import realrun_probe
+
+    gib = 1024**3
+    readings = {"free": 137 * gib, "total": 141 * gib}
+    memory_module = types.SimpleNamespace(mem_get_info=lambda device=None: (readings["free"], readings["total"]))
+    probe = realrun_probe.Probe(str(tmp_path / "probe.jsonl"), card_gib=12, reserve_gib=None)
+    probe.report_card_size(memory_module)
+    assert memory_module.mem_get_info() == (8 * gib, 12 * gib)
+
+    probe.held_beyond_card = 129 * gib
+    readings["free"] = 8 * gib
+    assert memory_module.mem_get_info() == (8 * gib, 12 * gib)
+
+    probe.held_beyond_card = 0
+    assert probe._hold_beyond_card(None, None, free=100 * gib, total=141 * gib) == 0
+    notes = [json.loads(line) for line in (tmp_path / "probe.jsonl").read_text().splitlines()]
+    assert "only the allocator's cap simulates it" in notes[-1]["text"]
