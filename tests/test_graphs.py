@@ -11,6 +11,7 @@ real graphs run on the GPU in bench/bench.py (bench/NOTES.md §5).
 """
 
 import sys
+import warnings
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 import trainer_core.trainer
 from trainer_core.config import ConfigError, LoraConfig
-from trainer_core.graphs import GraphedSteps
+from trainer_core.graphs import CAPTURED_FREE_WARNING, GraphedSteps
 from trainer_core.trainer import Sample, Trainer
 
 HOST_READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default}
@@ -44,6 +45,11 @@ class RecordedGraph:
 
     def pool(self):
         return object()
+
+    def reset(self) -> None:
+        # What cudaMallocAsync does when memory a recording allocated is freed outside one (see graphs.py).
+        warnings.warn(f"{CAPTURED_FREE_WARNING} with address 0x7f00", UserWarning, stacklevel=2)
+        self.operators.clear()
 
 
 def _detached(value):
@@ -88,6 +94,11 @@ def recorded_graphs(monkeypatch) -> list[GraphedSteps]:
             super().__init__(*args, **kwargs)
             made.append(self)
 
+        def release(self):
+            # The graphs the run had at its end, before the trainer gives them back.
+            self.count_at_release = self.graph_count
+            super().release()
+
     monkeypatch.setattr(trainer_core.trainer, "GraphedSteps", Listed)
     return made
 
@@ -117,7 +128,7 @@ def test_replayed_steps_train_exactly_like_eager_ones(recorded_graphs, name):
     eager_losses, eager_weights = trained(patcher, samples, "off", steps=6)
     assert not recorded_graphs
     losses, weights = trained(patcher, samples, "auto", steps=6)
-    assert [g.graph_count for g in recorded_graphs] == [1]
+    assert [g.count_at_release for g in recorded_graphs] == [1]
     assert len(set(eager_losses)) == 6, "every step trains on another batch"
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(eager_losses), rtol=0, atol=0)
     for key, value in eager_weights.items():
@@ -134,7 +145,7 @@ def test_each_input_shape_gets_its_own_graph(recorded_graphs):
     samples = square + wide
     eager_losses, _ = trained(patcher, samples, "off", steps=8)
     losses, _ = trained(patcher, samples, "auto", steps=8)
-    assert [g.graph_count for g in recorded_graphs] == [2]
+    assert [g.count_at_release for g in recorded_graphs] == [2]
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(eager_losses), rtol=0, atol=0)
 
 
@@ -157,8 +168,39 @@ def test_a_model_moved_between_steps_is_recorded_again(recorded_graphs):
         losses, _ = trained(patcher, samples, "auto", steps=6, between_steps=move_a_weight)
     finally:
         weight.data = original
-    assert [g.graph_count for g in recorded_graphs] == [1]
+    assert [g.count_at_release for g in recorded_graphs] == [1]
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(eager_losses), rtol=0, atol=0)
+
+
+def test_dropped_graphs_give_their_memory_back_without_a_warning_per_tensor(recorded_graphs, monkeypatch):
+    """When the weights move (a preview) and when the run ends, each graph is reset and its loss and gradients
+    are emptied inside torch calls, where cudaMallocAsync's warning about freeing a recording's memory is a
+    Python warning the engine filters (freed by reference counting it went to stderr, thousands of lines in
+    the ComfyUI console). The stand-in graph warns as that allocator does when reset."""
+    def move_a_weight(trainer):
+        if trainer.state.step == 3:
+            weight = next(trainer.family.diffusion_model.parameters())
+            weight.data = weight.data * 0.5
+
+    captured = []
+    capture = GraphedSteps._capture
+    monkeypatch.setattr(GraphedSteps, "_capture", lambda self, *a: captured.append(capture(self, *a)) or captured[-1])
+    patcher = MODEL_FACTORIES["flux_dev"]()
+    weight = next(patcher.model.diffusion_model.parameters())
+    original = weight.data
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            trained(patcher, fixed_samples(patcher, 2), "auto", steps=6, between_steps=move_a_weight)
+    finally:
+        weight.data = original
+    assert len(captured) == 2, "recorded at step 2, and again after the weight moved"
+    assert all(not c.graph.operators for c in captured)
+    for c in captured:
+        assert c.loss.untyped_storage().nbytes() == 0
+        assert all(g.untyped_storage().nbytes() == 0 for g in c.grads if g is not None)
+    assert not [w for w in seen if CAPTURED_FREE_WARNING in str(w.message)]
+    assert recorded_graphs[0].graph_count == 0
 
 
 def test_graphs_stay_off_where_a_step_cannot_be_one_graph():
@@ -190,7 +232,7 @@ def test_a_step_that_cannot_be_recorded_runs_eagerly_with_a_warning(recorded_gra
     samples = fixed_samples(patcher, 2)
     eager_losses, _ = trained(patcher, samples, "off", steps=4)
     losses, _ = trained(patcher, samples, "auto", steps=4)
-    assert [g.graph_count for g in recorded_graphs] == [0]
+    assert [g.count_at_release for g in recorded_graphs] == [0]
     assert "could not be recorded as a CUDA graph" in caplog.text and "reads a value on the host" in caplog.text
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(eager_losses), rtol=0, atol=0)
 
@@ -224,7 +266,7 @@ def test_a_recording_that_runs_out_of_memory_leaves_the_run_eager(recorded_graph
             for i, s in enumerate(square)]
     eager_losses, eager_weights = trained(patcher, square + wide, "off", steps=8)
     losses, weights = trained(patcher, square + wide, "auto", steps=8)
-    assert [g.graph_count for g in recorded_graphs] == [0]
+    assert [g.count_at_release for g in recorded_graphs] == [0]
     assert "out of GPU memory while recording the training step" in caplog.text
     assert handled_during_steps and not any(handled_during_steps)
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(eager_losses), rtol=0, atol=0)

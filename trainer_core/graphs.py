@@ -15,11 +15,16 @@ share one memory pool; they never run at once.
 """
 
 import logging
+import warnings
 from collections.abc import Callable
 
 import torch
 
 log = logging.getLogger(__name__)
+
+# What cudaMallocAsync, a ComfyUI server's default allocator, says at each free of memory that a recording
+# allocated, made outside a recording: harmless here, where the graph that wrote the memory is dropped with it.
+CAPTURED_FREE_WARNING = "Attempting uncaptured free of a captured allocation"
 
 
 def _signature(tensors: list[torch.Tensor]) -> tuple:
@@ -121,7 +126,22 @@ class GraphedSteps:
         self._drop_graphs()
         self.max_shapes = 0
 
+    def release(self) -> None:
+        """Gives back the graphs and their memory (the training session ends)."""
+        self._drop_graphs()
+
     def _drop_graphs(self) -> None:
+        # Freed by Python's reference counting, each of a graph's tensors (its loss, every LoRA gradient) would
+        # print CAPTURED_FREE_WARNING to stderr under cudaMallocAsync: thousands of lines in the ComfyUI
+        # console at each re-recording. Freed inside a torch call (set_ to empty storage) it is a Python
+        # warning, and filtered.
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.filterwarnings("ignore", message=CAPTURED_FREE_WARNING)
+            for captured in self._graphs.values():
+                for tensor in (captured.loss, *captured.grads):
+                    if tensor is not None:
+                        tensor.set_()
+                captured.graph.reset()
         self._graphs.clear()
         self._pool = None
         # Gradients of a dropped graph or of a step that failed halfway must not be accumulated into.

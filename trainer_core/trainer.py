@@ -287,7 +287,9 @@ class Trainer:
                                                      _addresses_of(diffusion_model, self.network))
                     yield self
             finally:
-                self._graphed = None
+                if self._graphed is not None:
+                    self._graphed.release()
+                    self._graphed = None
                 self.network.eval()
                 if self.text_encoding is not None:
                     self.text_encoding.loras.eval()
