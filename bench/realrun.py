@@ -798,7 +798,7 @@ def summarize(meta: dict, records: list[dict], smi: list[tuple[float, float]], t
     result["steady_s_per_step"] = round(median, 4) if median is not None else None
     result["buckets"] = sorted({s["bucket"] for s in steps if s["bucket"]})
     result["compile"] = compile_losses(steps, median)
-    result["phases"] = phase_table(segments, smi)
+    result["phases"] = phase_table(segments, without_held_memory(smi, setup))
     result["samples"] = sum(1 for e in events if e["event"] == "sample")
     result["checkpoints"] = sum(1 for e in events if e["event"] == "saved" and e["data"].get("kind") == "checkpoint")
     # Anything the engine itself reports about memory in its step events (the panel's peak VRAM), as it last said.
@@ -810,6 +810,13 @@ def summarize(meta: dict, records: list[dict], smi: list[tuple[float, float]], t
         lines = Path(log_path).read_text(errors="replace").splitlines()
         result["load_warnings"] = [line.strip()[:300] for line in lines if LOAD_WARNING.search(line)][:5]
     return result
+
+
+def without_held_memory(smi: list[tuple[float, float]], setup: dict) -> list[tuple[float, float]]:
+    """nvidia-smi's readings less what the probe took from the driver to end the simulated card (from the time
+    it did, its setup record): the memory a real card of that size would show in use."""
+    held = setup.get("held_beyond_card_gib") or 0.0
+    return [(t, used - held if t >= setup["t"] else used) for t, used in smi] if held else smi
 
 
 def step_times(events: list[dict], segments: list[dict], batches: list[dict], started: dict | None) -> list[dict]:

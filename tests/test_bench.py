@@ -192,6 +192,7 @@ def test_the_simulated_card_reports_the_same_free_memory_once_the_rest_of_the_gp
     sys.path.insert(0, str(REPO_ROOT / "bench"))
     import types
 
+    import realrun
     import realrun_probe
 
     gib = 1024**3
@@ -204,6 +205,11 @@ def test_the_simulated_card_reports_the_same_free_memory_once_the_rest_of_the_gp
     probe.held_beyond_card = 129 * gib
     readings["free"] = 8 * gib
     assert memory_module.mem_get_info() == (8 * gib, 12 * gib)
+
+    # nvidia-smi sees the held memory as used: the bench takes it off the readings made after it was taken.
+    setup = {"t": 5.0, "held_beyond_card_gib": 129.0}
+    assert realrun.without_held_memory([(1.0, 0.5), (6.0, 137.0)], setup) == [(1.0, 0.5), (6.0, 8.0)]
+    assert realrun.without_held_memory([(6.0, 9.0)], {"t": 5.0}) == [(6.0, 9.0)]
 
     probe.held_beyond_card = 0
     assert probe._hold_beyond_card(None, None, free=100 * gib, total=141 * gib) == 0
