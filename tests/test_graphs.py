@@ -10,6 +10,7 @@ trains on the first batch forever, gradients not handed back leave the optimizer
 real graphs run on the GPU in bench/bench.py (bench/NOTES.md §5).
 """
 
+import contextlib
 import sys
 import warnings
 
@@ -149,25 +150,34 @@ def test_each_input_shape_gets_its_own_graph(recorded_graphs):
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(eager_losses), rtol=0, atol=0)
 
 
+@contextlib.contextmanager
+def a_weight_moved_after_step_3(patcher):
+    """The between-steps hook that moves one weight of the model to new memory, with new values, after step 3
+    (as ComfyUI making room for the VAE to decode a preview would); the weight goes back at the end, since
+    the tiny factories' patchers share their model."""
+    weight = next(patcher.model.diffusion_model.parameters())
+    original = weight.data
+
+    def move_a_weight(trainer):
+        if trainer.state.step == 3:
+            weight.data = weight.data * 0.5
+
+    try:
+        yield move_a_weight
+    finally:
+        weight.data = original
+
+
 def test_a_model_moved_between_steps_is_recorded_again(recorded_graphs):
     """Sampling between steps may move the model off the GPU and back (ComfyUI makes room for the VAE):
     its weights then live elsewhere, and a graph recorded before would read the old memory. Here one
     weight moves, with new values, after step 3: the replayed run must still train like the eager one."""
-    def move_a_weight(trainer):
-        if trainer.state.step == 3:
-            weight = next(trainer.family.diffusion_model.parameters())
-            weight.data = weight.data * 0.5
-
     patcher = MODEL_FACTORIES["flux_dev"]()
     samples = fixed_samples(patcher, 2)
-    weight = next(patcher.model.diffusion_model.parameters())
-    original = weight.data
-    try:
+    with a_weight_moved_after_step_3(patcher) as move_a_weight:
         eager_losses, _ = trained(patcher, samples, "off", steps=6, between_steps=move_a_weight)
-        weight.data = original
+    with a_weight_moved_after_step_3(patcher) as move_a_weight:
         losses, _ = trained(patcher, samples, "auto", steps=6, between_steps=move_a_weight)
-    finally:
-        weight.data = original
     assert [g.count_at_release for g in recorded_graphs] == [1]
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(eager_losses), rtol=0, atol=0)
 
@@ -177,23 +187,13 @@ def test_dropped_graphs_give_their_memory_back_without_a_warning_per_tensor(reco
     are emptied inside torch calls, where cudaMallocAsync's warning about freeing a recording's memory is a
     Python warning the engine filters (freed by reference counting it went to stderr, thousands of lines in
     the ComfyUI console). The stand-in graph warns as that allocator does when reset."""
-    def move_a_weight(trainer):
-        if trainer.state.step == 3:
-            weight = next(trainer.family.diffusion_model.parameters())
-            weight.data = weight.data * 0.5
-
     captured = []
     capture = GraphedSteps._capture
     monkeypatch.setattr(GraphedSteps, "_capture", lambda self, *a: captured.append(capture(self, *a)) or captured[-1])
     patcher = MODEL_FACTORIES["flux_dev"]()
-    weight = next(patcher.model.diffusion_model.parameters())
-    original = weight.data
-    try:
-        with warnings.catch_warnings(record=True) as seen:
-            warnings.simplefilter("always")
-            trained(patcher, fixed_samples(patcher, 2), "auto", steps=6, between_steps=move_a_weight)
-    finally:
-        weight.data = original
+    with a_weight_moved_after_step_3(patcher) as move_a_weight, warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        trained(patcher, fixed_samples(patcher, 2), "auto", steps=6, between_steps=move_a_weight)
     assert len(captured) == 2, "recorded at step 2, and again after the weight moved"
     assert all(not c.graph.operators for c in captured)
     for c in captured:
