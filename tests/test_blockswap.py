@@ -3,8 +3,9 @@
 There is no second device here: the training device is the CPU, and a swapped block's stored copy is its
 own CPU tensors. What stands in for "on the card" is a block's parameters being real tensors; away, they
 are placeholders on the meta device, which is what a swapped block holds off the card on a GPU too. The
-copy is a real copy (a fresh tensor per visit), as on a GPU; only the side stream and pinned memory, which
-need CUDA, are not exercised (bench/blockswap.py measures them on the GPU).
+copy is a real copy into one of the visit buffers, as on a GPU; the side stream, its events and pinned
+memory, which need CUDA, are stood in for where a test says so (bench/blockswap.py and bench/realrun.py
+run them on the GPU).
 """
 
 import copy
@@ -167,39 +168,60 @@ def test_swapped_blocks_are_on_the_device_only_while_they_compute_and_are_copied
     assert all(is_here(b) for b in swapped)
 
 
-def test_before_each_copy_the_host_waits_for_the_device_to_begin_the_block_visited_two_before(monkeypatch):
-    """What bounds a swapped run's memory on a GPU: the host runs ahead of the device, and without a wait it
-    queued copy after copy in fresh memory (Flux fp8 on 12 GB: 1-3 GiB over the estimate). The waits are
-    on CUDA events, so this CPU test stands in a marker per arrival for the event (no GPU here) and
-    records which marker each copy waited for: the arrival of the swapped block visited two before,
-    so at most three swapped blocks' copies exist at once (RESIDENT_WINDOW)."""
-    visits, waits = [], []
+def test_each_copy_waits_on_the_device_for_its_buffers_previous_block_to_be_done_and_never_on_the_host(monkeypatch):
+    """What keeps a swapped run's memory fixed and its copies right on a GPU, where the host runs ahead of the
+    device: each copy goes into one of three buffers, and the side stream first waits until the compute
+    stream has begun the visit after that buffer's previous block (so its recompute and backward are done),
+    or, where the buffer holds nothing of this model call, until the compute stream has done what the host
+    queued so far. The waits are CUDA events, which a CUDA graph records; the host never waits. This CPU test
+    stands in a marker for each event (no GPU here): ("arrival", n) the n-th visit's start, ("queued", n) the
+    point after n visits at which a copy was made."""
+    arrivals, copies = [], []
+    marking = {"arrival": False}
+    arrive, copy_block = blockswap.BlockSwapper._arrive, blockswap.BlockSwapper._copy
 
-    def mark_arrival(self):
-        visits.append(object())
-        return visits[-1]
+    def arrive_spy(self, index):
+        marking["arrival"] = True
+        try:
+            return arrive(self, index)
+        finally:
+            marking["arrival"] = False
 
-    copy_block = blockswap.BlockSwapper._copy
+    def mark_compute(self):
+        if marking["arrival"]:
+            arrivals.append(len(arrivals) + 1)
+            return "arrival", arrivals[-1]
+        return "queued", len(arrivals)
+
+    def copy_into(self, places, slots, ready):
+        copies.append(ready)
+        for place, slot in zip(places, slots, strict=True):
+            place.copy_(slot.stored)
 
     def copy_spy(self, index):
-        waits.append((len(visits), None))
-        return copy_block(self, index)
+        number, event = copy_block(self, index)
+        copies[-1] = (index, number, copies[-1])
+        return number, event
 
-    def wait(arrival):
-        waits[-1] = (waits[-1][0], visits.index(arrival))
-
-    monkeypatch.setattr(blockswap.BlockSwapper, "_mark_arrival", mark_arrival)
-    monkeypatch.setattr(blockswap.BlockSwapper, "_wait", staticmethod(wait))
+    monkeypatch.setattr(blockswap.BlockSwapper, "_arrive", arrive_spy)
+    monkeypatch.setattr(blockswap.BlockSwapper, "_mark_compute", mark_compute)
+    monkeypatch.setattr(blockswap.BlockSwapper, "_copy_into", copy_into)
     monkeypatch.setattr(blockswap.BlockSwapper, "_copy", copy_spy)
+    monkeypatch.setattr(blockswap.BlockSwapper, "_wait_on_host", lambda *args: pytest.fail("the host waited"),
+                        raising=False)
     patcher = deep_flux()
     trainer = Trainer(patcher, fixed_samples(patcher), LoraConfig(rank=4),
                       train_config(steps=2, gradient_checkpointing=True, blocks_to_swap=3))
     trainer.run(lambda trainer, reports: None)
-    # 2 steps x 3 swapped blocks x (forward, recompute); every copy after the second visit waited for the
-    # visit two before the copy (the arrival of the older of the last two visits).
-    assert len(visits) == 12 and len(waits) == 12
-    assert waits[:2] == [(0, None), (1, None)]
-    assert waits[2:] == [(seen, seen - 2) for seen, _ in waits[2:]]
+    assert arrivals == list(range(1, 13))
+    # Per step, blocks 1, 3, 5 in the forward (visits 1-3), 5, 3, 1 in the backward (visits 4-6), each copied
+    # while the block before it computes, in buffers 0, 1, 2 in turn. The forward's copies find their buffers
+    # free in this call; the backward's wait for the visit after their buffer's previous one: block 5's
+    # recompute (buffer 0, last visited by block 1, visit 1) for visit 2.
+    first = [(1, 0, ("queued", 0)), (3, 1, ("queued", 1)), (5, 2, ("queued", 2)),
+             (5, 0, ("arrival", 2)), (3, 1, ("arrival", 3)), (1, 2, ("arrival", 4))]
+    second = [(index, number, (kind, seen + 6)) for index, number, (kind, seen) in first]
+    assert copies == first + second
     assert blockswap.RESIDENT_WINDOW == 3
 
 
@@ -424,16 +446,19 @@ def test_the_auto_choice_swaps_the_fewest_blocks_that_fit():
     exact = MemoryEstimate(rest_of_model=50 * mib, lora=10 * mib, activations=40 * mib, available=1100 * mib)
     assert fewest_blocks_that_fit(blocks, exact) > 0
     # Blocks of 200 MiB: the model (2100 MiB) does not fit 2000 available less the margin: 2000 - 612
-    # = 1388 MiB of budget. With n swapped: 100 + (10 - n) * 200 + 3 * 200 for n >= 3 (three swapped blocks'
-    # copies can exist at once); 2700 - 200 n <= 1388 from n = 7 (1300).
+    # = 1388 MiB of budget. With n swapped: 100 + (10 - n) * 200 + 3 * 200 for n >= 3 (three buffers for
+    # swapped blocks to visit in); 2700 - 200 n <= 1388 from n = 7 (1300).
     large = [200 * mib] * 10
     tight = MemoryEstimate(rest_of_model=50 * mib, lora=10 * mib, activations=40 * mib, available=2000 * mib)
     assert [bytes_on_device(large, n, tight) // mib for n in (0, 1, 4, 6, 7)] == [2100, 2100, 1900, 1500, 1300]
     assert fewest_blocks_that_fit(large, tight) == 7
-    # Blocks of two sizes: the largest three swapped ones are what visits.
+    # Blocks of two sizes: each of the three buffers holds the largest swapped block; one swapped block
+    # needs one buffer.
     mixed = [300 * mib, 100 * mib, 300 * mib, 100 * mib, 200 * mib, 100 * mib]
     assert swapped_indices(6, 4) == [1, 2, 3, 4]
-    assert bytes_on_device(mixed, 4, tight) == (100 + 300 + 100 + (300 + 200 + 100)) * mib
+    assert bytes_on_device(mixed, 4, tight) == (100 + 300 + 100 + 3 * 300) * mib
+    assert swapped_indices(6, 1) == [3]
+    assert bytes_on_device(mixed, 1, tight) == (100 + 300 + 100 + 300 + 200 + 100 + 100) * mib
     # Nothing fits: every block is swapped (the run tries, with a warning).
     hopeless = MemoryEstimate(rest_of_model=50 * mib, lora=10 * mib, activations=40 * mib, available=600 * mib)
     assert fewest_blocks_that_fit(blocks, hopeless) == 10

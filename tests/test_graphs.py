@@ -17,8 +17,9 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from test_blockswap import deep_flux
 from test_engine import fixed_samples, train_config
-from tiny_models import MODEL_FACTORIES
+from tiny_models import MODEL_FACTORIES, random_inputs
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
@@ -104,9 +105,9 @@ def recorded_graphs(monkeypatch) -> list[GraphedSteps]:
     return made
 
 
-def trained(patcher, samples, mode: str, steps: int, between_steps=None):
+def trained(patcher, samples, mode: str, steps: int, between_steps=None, **overrides):
     # Losses are read every third step: each replay's loss must outlive the replays after it.
-    config = train_config(steps=steps, cuda_graphs=mode, gradient_checkpointing=True, log_every=3)
+    config = train_config(steps=steps, cuda_graphs=mode, gradient_checkpointing=True, log_every=3, **overrides)
     trainer = Trainer(patcher, samples, LoraConfig(rank=4), config)
     losses = []
 
@@ -201,6 +202,29 @@ def test_dropped_graphs_give_their_memory_back_without_a_warning_per_tensor(reco
         assert all(g.untyped_storage().nbytes() == 0 for g in c.grads if g is not None)
     assert not [w for w in seen if CAPTURED_FREE_WARNING in str(w.message)]
     assert recorded_graphs[0].graph_count == 0
+
+
+def test_a_swapped_run_replays_its_blocks_copies_and_trains_exactly_like_an_unswapped_eager_one(recorded_graphs):
+    """Block swap (blockswap.py) inside the recorded step: the copies of the swapped blocks from host memory into
+    the visit buffers are part of the recording, so each replay brings every block's weights into its buffer
+    again. Between steps a preview-like model call (eager, no gradients) uses the buffers in another order,
+    leaving other blocks' weights in them: a replay that did not copy would compute with those."""
+    patcher = deep_flux()
+    samples = fixed_samples(patcher, 3)
+    inputs = random_inputs(patcher, batch=1, latent_hw=(16, 16), seed=5)
+
+    def preview(trainer):
+        with torch.no_grad():
+            trainer.family.predict(inputs["x"], torch.tensor([0.5]),
+                                   {"context": inputs["context"], "y": inputs["y"]})
+
+    eager_losses, eager_weights = trained(patcher, samples, "off", steps=6)
+    losses, weights = trained(patcher, samples, "auto", steps=6, between_steps=preview, blocks_to_swap=3)
+    assert [g.count_at_release for g in recorded_graphs] == [1]
+    assert len(set(eager_losses)) == 6
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(eager_losses), rtol=0, atol=0)
+    for key, value in eager_weights.items():
+        torch.testing.assert_close(weights[key], value, rtol=0, atol=0)
 
 
 def test_graphs_stay_off_where_a_step_cannot_be_one_graph():

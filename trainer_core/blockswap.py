@@ -5,17 +5,21 @@ A model whose weights do not fit the card beside a step's activations trains wit
 off the card. Each swapped block comes to the card only for its computation: in the forward, in its
 checkpoint's recompute during backward, and in previews. Its copy starts on a side CUDA stream when the
 block before it (in the direction the model runs: forward, or backward for recomputes) starts, so the
-copy overlaps that block's compute, and it is let go as soon as the block returns. The host runs ahead
-of the device (it reads a step's loss only at its end): before each copy it waits until the device has
-begun the swapped block visited two before, so that at most three swapped blocks' copies exist at once,
-however far ahead the host is (each copy is fresh memory, reusable only once the device is done with it).
+copy overlaps that block's compute, and it is let go as soon as the block returns.
+
+The copies land in a few fixed device buffers (RESIDENT_WINDOW of them, each as large as the largest
+swapped block), used in turn: the block computing, the one visited before it (whose backward may still
+run), and the next one arriving. Nothing is allocated per visit and the host never waits: the side
+stream waits for the compute stream to have begun the visit after a buffer's previous block (an event
+recorded there), and the compute stream for the copy's arrival. Both waits are stream-ordered, so a
+step with swapped blocks can be recorded as a CUDA graph (graphs.py) like any other: the recording
+holds the copies from the pinned host memory (which never moves) into the buffers (which never move),
+and the kernels that read each block's weights where its copy lands.
 
 Residency is per tensor slot: while a block is away, each of its parameters and buffers is a placeholder
 on the meta device (anything that uses it by mistake fails loudly); while it computes, the slot holds a
-fresh tensor on the training device, copied from the stored one. A fresh object per visit matters: the
-checkpoint's recompute saves the weights it used for the block's backward, and those must stay valid
-after the slot is emptied (the memory goes back to PyTorch's allocator once that backward has used it;
-`record_stream` keeps the allocator from handing it out while the compute stream may still read it).
+tensor on the memory of the buffer its copy is in. The checkpoint's recompute saves the weights it used for
+the block's backward: those tensors, whose memory is not written again until the block's backward is done.
 
 ComfyUI's model management never sees a swapped block: for the run each one is replaced in its parent
 by a stand-in without parameters that calls it. ComfyUI's loader moves the rest of the model to the card
@@ -24,11 +28,9 @@ the blocks and their own tensors are put back and ComfyUI unloads the model, so 
 loads it as it would have before the run.
 
 Swapping needs per-block checkpointing: without it autograd would keep every block's weights for the
-backward, on the card, which is what swapping avoids. CUDA graphs cannot follow host copies (a graph
-replays the device addresses it recorded), so a swapped run steps eagerly.
+backward, on the card, which is what swapping avoids.
 """
 
-import collections
 import contextlib
 import logging
 from collections.abc import Callable, Sequence
@@ -39,10 +41,12 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-# Swapped blocks whose copies can be on the card at once: the one computing, the one visited before it
-# (the device may still run it, or its backward, while the host has gone on), and the next one arriving.
-# The host waits before each copy until the device has begun the block visited two before (see `_copy`).
+# Device buffers swapped blocks are copied into, used in turn: the block computing, the one visited before
+# it (the device may still run it, or its backward, while the host has gone on), and the next one arriving.
 RESIDENT_WINDOW = 3
+# Where each tensor of a block starts in its buffer, in bytes: aligned as the caching allocator aligns, so a
+# tensor there is as aligned as one allocated on its own (compiled kernels assume 16-byte aligned inputs).
+ALIGNMENT = 512
 # Bytes per LoRA parameter beside the fp32 weight and its fp32 gradient, by optimizer: AdamW's two fp32
 # moments, AdamW8bit's two 8-bit ones, Adafactor's factored second moment (at most one fp32 per
 # element), Prodigy's four fp32 states.
@@ -93,10 +97,10 @@ class MemoryEstimate:
 
 def bytes_on_device(block_bytes: Sequence[int], swap_count: int, estimate: MemoryEstimate) -> int:
     """Peak memory of a step with `swap_count` blocks swapped: what stays, the resident blocks, and the
-    swapped blocks that are on the card at once."""
+    buffers the swapped blocks visit in (each as large as the largest swapped block)."""
     swapped = swapped_indices(len(block_bytes), swap_count)
     staying = sum(b for i, b in enumerate(block_bytes) if i not in swapped)
-    visiting = sum(sorted((block_bytes[i] for i in swapped), reverse=True)[:RESIDENT_WINDOW])
+    visiting = min(RESIDENT_WINDOW, len(swapped)) * max((block_bytes[i] for i in swapped), default=0)
     return estimate.fixed + staying + visiting
 
 
@@ -214,23 +218,36 @@ def _stand_in_for(block: nn.Module) -> _StandIn:
 
 class _Slot:
     """One parameter or buffer of a swapped block: where it lives in its module, its own tensor (put
-    back at the end), the stored copy that visits are made from, and the placeholder for while away."""
+    back at the end), the stored copy that visits are made from, where it goes in a visit buffer
+    (`offset`, bytes), and the placeholder for while away."""
 
-    def __init__(self, owner: nn.Module, name: str, is_parameter: bool, original: torch.Tensor, stored: torch.Tensor):
+    def __init__(self, owner: nn.Module, name: str, is_parameter: bool, original: torch.Tensor, stored: torch.Tensor,
+                 offset: int):
         self.owner, self.name, self.is_parameter = owner, name, is_parameter
         self.original = original
         self.stored = stored
+        self.offset = offset
         self.away = self._wrap(torch.empty_like(stored, device="meta"))
+
+    @property
+    def nbytes(self) -> int:
+        return self.stored.numel() * self.stored.element_size()
 
     def _wrap(self, tensor: torch.Tensor) -> torch.Tensor:
         return nn.Parameter(tensor, requires_grad=False) if self.is_parameter else tensor
 
+    def place_in(self, memory: torch.Tensor) -> torch.Tensor:
+        """This tensor's place in a visit buffer (bytes): a tensor of its dtype and shape on that memory, not
+        a view of the buffer (compiled blocks and autograd see a tensor of its own), wrapped as the module
+        holds it."""
+        place = torch.empty(0, dtype=self.stored.dtype, device=memory.device)
+        place.set_(memory.untyped_storage(), self.offset // self.stored.element_size(), self.stored.shape,
+                   self.stored.stride())
+        return self._wrap(place)
+
     def put(self, tensor: torch.Tensor) -> None:
         table = self.owner._parameters if self.is_parameter else self.owner._buffers
         table[self.name] = tensor
-
-    def visit(self, tensor: torch.Tensor) -> None:
-        self.put(self._wrap(tensor))
 
     def leave(self) -> None:
         self.put(self.away)
@@ -241,32 +258,46 @@ Replacement = Callable[[nn.Module, str, torch.Tensor], torch.Tensor | None]
 
 
 def _slots_of(block: nn.Module, store: Callable[[torch.Tensor], torch.Tensor], replaced: Replacement) -> list[_Slot]:
-    slots = []
+    slots, end = [], 0
     for path, owner in block.named_modules():
         for table, is_parameter in ((owner._parameters, True), (owner._buffers, False)):
             for name, tensor in table.items():
                 if tensor is not None:
                     value = replaced(block, f"{path}.{name}" if path else name, tensor)
-                    stored = store(tensor.data if value is None else value)
-                    slots.append(_Slot(owner, name, is_parameter, tensor, stored))
+                    stored = store((tensor.data if value is None else value).contiguous())
+                    slots.append(_Slot(owner, name, is_parameter, tensor, stored, end))
+                    end += -(-slots[-1].nbytes // ALIGNMENT) * ALIGNMENT
     return slots
 
 
 def _store_for(device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
     """How a block's tensors are kept while away: in pinned host memory for a CUDA device (copies from
-    it can run asynchronously), else the tensor as it is (the CPU tests, where both devices are the CPU)."""
+    it can run asynchronously, and be recorded in a CUDA graph), else the tensor as it is (the CPU tests,
+    where both devices are the CPU)."""
     if device.type == "cuda":
         return lambda tensor: tensor.to("cpu").pin_memory()
     return lambda tensor: tensor
+
+
+class _VisitBuffer:
+    """A device buffer swapped blocks are copied into. `free_after` is what the compute stream reaches once
+    the block last copied here is done with it (the next visit's arrival; None: nothing is pending, or
+    what was is before the current model call began). `used` orders the buffers by their last use."""
+
+    def __init__(self, memory: torch.Tensor):
+        self.memory = memory
+        self.free_after = None
+        self.used = 0
 
 
 class BlockSwapper:
     """Swaps `blocks[i]` for each i in `swapped` between a stored copy and `device`, around each call.
 
     `blocks` are all the model's checkpointed blocks in the order they run: each one's start triggers
-    the copy of the next swapped block in the direction the model runs. `wrap(block, forward)` gives
-    the forward that does this; checkpointing.wrapped_blocks places it inside each block's checkpoint,
-    so recomputes in backward are covered too.
+    the copy of the next swapped block in the direction the model runs, and the first one's start in the
+    forward begins a model call (a training step, or a preview's sampling step). `wrap(block, forward)`
+    gives the forward that does this; checkpointing.wrapped_blocks places it inside each block's
+    checkpoint, so recomputes in backward are covered too.
     """
 
     def __init__(self, blocks: Sequence[nn.Module], swapped: Sequence[int], device: torch.device):
@@ -275,11 +306,15 @@ class BlockSwapper:
         self.device = device
         self._index = {id(block): i for i, block in enumerate(self.blocks)}
         self._slots: dict[int, list[_Slot]] = {}
-        # Swapped blocks on the device or on their way: index -> (tensors, event the copy records).
-        self._present: dict[int, tuple[list[torch.Tensor], torch.cuda.Event | None]] = {}
+        self._buffers: list[_VisitBuffer] = []
+        # Each block's tensors placed in each buffer, made once: (buffer number, block index) -> tensors.
+        self._places: dict[tuple[int, int], list[torch.Tensor]] = {}
+        # Swapped blocks on the device or on their way: index -> (buffer number, event the copy records).
+        self._present: dict[int, tuple[int, torch.cuda.Event | None]] = {}
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        # When the device began each of the last two swapped blocks visited (CUDA events; None elsewhere).
-        self._arrivals: collections.deque = collections.deque(maxlen=RESIDENT_WINDOW - 1)
+        # Visits so far, and the buffer of the latest one (its block may still compute).
+        self._visits = 0
+        self._latest: _VisitBuffer | None = None
         self._stand_ins: list[tuple[nn.Module, str, nn.Module]] = []
 
     @property
@@ -305,11 +340,16 @@ class BlockSwapper:
                 parent, name = parents[id(block)]
                 parent._modules[name] = _stand_in_for(block)
                 self._stand_ins.append((parent, name, block))
+            size = max((s.offset + s.nbytes for slots in self._slots.values() for s in slots), default=0)
+            self._buffers = [_VisitBuffer(torch.empty(size, dtype=torch.uint8, device=self.device))
+                             for _ in range(min(RESIDENT_WINDOW, len(self.swapped)))]
             yield self
         finally:
             self._synchronize()
             self._present.clear()
-            self._arrivals.clear()
+            self._places.clear()
+            self._buffers.clear()
+            self._latest = None
             for parent, name, block in reversed(self._stand_ins):
                 parent._modules[name] = block
             self._stand_ins.clear()
@@ -323,6 +363,8 @@ class BlockSwapper:
 
         def swapping_forward(*args, **kwargs):
             backward = torch._C._current_graph_task_id() != -1
+            if index == 0 and not backward:
+                self._begin_call()
             if index in self._slots:
                 self._arrive(index)
             self._prefetch_after(index, -1 if backward else 1)
@@ -336,66 +378,97 @@ class BlockSwapper:
 
     # -- moving blocks -------------------------------------------------------------------------------
 
+    def _begin_call(self) -> None:
+        """A model call begins: all work queued before it comes first on the compute stream, so no buffer
+        waits for an earlier visit; events of an earlier call may belong to a CUDA graph's recording,
+        which no later work can wait on. Copies left from an unfinished call are forgotten (the side
+        stream runs in order: a later copy into their buffer comes after them)."""
+        for buffer in self._buffers:
+            buffer.free_after = None
+        self._latest = None
+        self._present.clear()
+
     def _prefetch_after(self, index: int, direction: int) -> None:
         """Starts the copy of the next swapped block after `index` in `direction`, and drops a copy made
         ahead for another block (the model ran in another order than expected)."""
         ahead = [i for i in self.swapped if (i - index) * direction > 0]
         following = min(ahead, key=lambda i: abs(i - index)) if ahead else None
         for other in [i for i in self._present if i not in (index, following)]:
-            self._leave(other)
+            self._drop(other)
         if following is not None and following not in self._present:
             self._present[following] = self._copy(following)
 
-    def _copy(self, index: int) -> tuple[list[torch.Tensor], torch.cuda.Event | None]:
-        if len(self._arrivals) == self._arrivals.maxlen:
-            # The swapped blocks visited before the older of the last two are done on the device, and
-            # their memory can be reused for this copy.
-            self._wait(self._arrivals[0])
-        slots = self._slots[index]
-        if self._copy_stream is None:
-            return [slot.stored.to(self.device, copy=True) for slot in slots], None
-        with torch.cuda.stream(self._copy_stream):
-            # Allocated on the copy stream; each tensor is marked as used by the compute stream when it
-            # arrives, so the allocator reuses its memory only after that stream is done with it.
-            tensors = [torch.empty_like(slot.stored, device=self.device) for slot in slots]
-            for tensor, slot in zip(tensors, slots, strict=True):
-                tensor.copy_(slot.stored, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(self._copy_stream)
-        return tensors, event
+    def _free_buffer(self) -> int:
+        """The least recently used buffer that holds no block on the device or on its way there."""
+        taken = {number for number, _ in self._present.values()}
+        free = [n for n in range(len(self._buffers)) if n not in taken]
+        return min(free, key=lambda n: self._buffers[n].used)
+
+    def _copy(self, index: int) -> tuple[int, torch.cuda.Event | None]:
+        number = self._free_buffer()
+        buffer = self._buffers[number]
+        # The buffer's previous block is done once the compute stream reaches the visit after it; where
+        # none is pending, once it reaches what the host has queued so far.
+        ready = buffer.free_after if buffer.free_after is not None else self._mark_compute()
+        buffer.free_after = None
+        self._visits += 1
+        buffer.used = self._visits
+        return number, self._copy_into(self._places_of(number, index), self._slots[index], ready)
+
+    def _places_of(self, number: int, index: int) -> list[torch.Tensor]:
+        key = (number, index)
+        if key not in self._places:
+            with torch.no_grad():
+                self._places[key] = [slot.place_in(self._buffers[number].memory) for slot in self._slots[index]]
+        return self._places[key]
+
+    def _copy_into(self, places: list[torch.Tensor], slots: list[_Slot], ready) -> torch.cuda.Event | None:
+        with torch.no_grad():
+            if self._copy_stream is None:
+                for place, slot in zip(places, slots, strict=True):
+                    place.copy_(slot.stored)
+                return None
+            with torch.cuda.stream(self._copy_stream):
+                self._copy_stream.wait_event(ready)
+                for place, slot in zip(places, slots, strict=True):
+                    place.copy_(slot.stored, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(self._copy_stream)
+        return event
 
     def _arrive(self, index: int) -> None:
         if index not in self._present:
             self._present[index] = self._copy(index)
-        tensors, event = self._present[index]
+        number, event = self._present[index]
         if event is not None:
-            compute = torch.cuda.current_stream(self.device)
-            compute.wait_event(event)
-            for tensor in tensors:
-                tensor.record_stream(compute)
-        self._arrivals.append(self._mark_arrival())
-        for slot, tensor in zip(self._slots[index], tensors, strict=True):
-            slot.visit(tensor)
+            torch.cuda.current_stream(self.device).wait_event(event)
+        # The compute stream reaches this when the arriving block begins: the visit before is done.
+        arrival = self._mark_compute()
+        if self._latest is not None:
+            self._latest.free_after = arrival
+        self._latest = self._buffers[number]
+        for slot, place in zip(self._slots[index], self._places_of(number, index), strict=True):
+            slot.put(place)
 
-    def _mark_arrival(self) -> torch.cuda.Event | None:
-        """An event the compute stream reaches when the arriving block begins (None off CUDA)."""
+    def _mark_compute(self):
+        """An event the compute stream reaches once what the host has queued on it so far is done (None off CUDA)."""
         if self._copy_stream is None:
             return None
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(self.device))
         return event
 
-    @staticmethod
-    def _wait(arrival: torch.cuda.Event | None) -> None:
-        if arrival is not None:
-            arrival.synchronize()
-
     def _leave(self, index: int) -> None:
-        # The tensors go with the slots' references; allocated on the copy stream, their memory is
-        # reused there in order, and elsewhere after the compute stream's recorded use.
         del self._present[index]
         for slot in self._slots[index]:
             slot.leave()
+
+    def _drop(self, index: int) -> None:
+        """Lets a copy made ahead go unused. The compute stream still waits for it: inside a CUDA graph's
+        recording, work on the side stream must join the recorded stream again."""
+        _, event = self._present.pop(index)
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
 
     def _synchronize(self) -> None:
         if self._copy_stream is not None:

@@ -336,9 +336,6 @@ class Trainer:
         swapper = BlockSwapper(blocks, swapped_indices(len(blocks), count), self.device)
         log.info("block swap: %d of %d blocks (%.2f GiB) stay in host memory and visit %s one at a time",
                  count, len(blocks), swapper.swapped_bytes / 2**30, self.device)
-        if self.config.cuda_graphs == "auto" and self.device.type == "cuda":
-            log.info("block swap: steps run eagerly, not as CUDA graphs (a graph replays the device addresses it "
-                     "recorded and cannot follow the blocks' copies from host memory)")
         return swapper
 
     def _auto_swap_count(self, blocks: list[torch.nn.Module]) -> int:
@@ -405,12 +402,12 @@ class Trainer:
         one backward (gradient accumulation), a gradient scaler (fp16) reads values on the host
         between them, a subclass says its backward cannot be recorded (`records_graphs`), or LoRA
         dropout draws masks that the checkpoints' recomputes must redraw alike (not verified in a
-        recorded graph), or blocks are swapped (blockswap.py: host copies a graph cannot follow)."""
+        recorded graph). Swapped blocks are recorded with their copies (blockswap.py)."""
         cfg = self.config
         # Encoding captions reads tokens on the host in every step: no text-encoder training either.
         return (cfg.cuda_graphs == "auto" and self.device.type == "cuda" and cfg.gradient_accumulation == 1
                 and not self.scaler.is_enabled() and self.records_graphs and self.lora_config.dropout == 0
-                and not self.blocks_swapped and self.text_encoding is None)
+                and self.text_encoding is None)
 
     @property
     def attention_kernels(self) -> list[SDPBackend]:
