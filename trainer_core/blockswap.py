@@ -166,10 +166,15 @@ def block_hidden_states(widths: Sequence[int], batch: int, image_tokens: int, te
 
 def estimate_step(diffusion_model: nn.Module, blocks: Sequence[nn.Module], lora_parameters: int, optimizer: str,
                   batch_shape: Sequence[int], text_tokens: int, compute_dtype: torch.dtype,
-                  available: int) -> MemoryEstimate:
+                  available: int, graphed: bool = False) -> MemoryEstimate:
     """The memory a training step needs besides the blocks, at the run's largest batch (B, C, H, W):
     image tokens are the latent's patches (the DiTs' `patch_size`, whose sequences hold the text too; a
-    UNet (SDXL) has none and works on every latent pixel at its first level)."""
+    UNet (SDXL) has none and works on every latent pixel at its first level).
+
+    `graphed`: steps replay as CUDA graphs (graphs.py), whose shared pool keeps a recorded step's
+    activations and, recording another bucket's shape into it, grows past them: on an H200 with the
+    card's end physical, Flux fp8 and SD3.5 Large ran out of memory recording the second bucket at the
+    eager estimate. Activations count twice."""
     batch, _, height, width = batch_shape
     patch = getattr(diffusion_model, "patch_size", None)
     compute_bytes = torch.empty((), dtype=compute_dtype).element_size()
@@ -180,6 +185,8 @@ def estimate_step(diffusion_model: nn.Module, blocks: Sequence[nn.Module], lora_
     activations = activation_bytes(hidden_states, compute_bytes,
                                    max(sum(p.numel() for p in b.parameters()) for b in blocks),
                                    stored != {compute_dtype})
+    if graphed:
+        activations *= 2
     lora = lora_parameters * (4 + 4 + OPTIMIZER_STATE_BYTES[optimizer])
     rest = tensor_bytes(diffusion_model) - sum(map(tensor_bytes, blocks))
     return MemoryEstimate(rest_of_model=rest, lora=lora, activations=activations, available=available)
@@ -462,6 +469,12 @@ class BlockSwapper:
         del self._present[index]
         for slot in self._slots[index]:
             slot.leave()
+
+    def join(self) -> None:
+        """Lets every copy made ahead go unused (a step failed halfway: inside a CUDA graph's recording, the
+        recording can only end, and its error be seen, once the side stream's work is joined)."""
+        for index in list(self._present):
+            self._drop(index)
 
     def _drop(self, index: int) -> None:
         """Lets a copy made ahead go unused. The compute stream still waits for it: inside a CUDA graph's

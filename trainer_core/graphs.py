@@ -127,8 +127,10 @@ class GraphedSteps:
         self.max_shapes = 0
 
     def release(self) -> None:
-        """Gives back the graphs and their memory (the training session ends)."""
+        """Gives back the graphs and their memory (between steps, or the training session ends); shapes
+        seen before are recorded again at their next step."""
         self._drop_graphs()
+        torch.cuda.empty_cache()
 
     def _drop_graphs(self) -> None:
         # Freed by Python's reference counting, each of a graph's tensors (its loss, every LoRA gradient) would

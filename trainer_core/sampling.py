@@ -118,6 +118,8 @@ class SampleHook(JobHook):
         encoded = self.encoded
         if self.clip is not None and trainer.text_encoding is not None:
             encoded = encode_prompts(self.clip, self.settings, trainer.text_encoding)
+        # The recorded steps' memory (a step's activations) is the sampler's and the VAE's while they run.
+        trainer.release_graphs()
         try:
             # With EMA on, previews show the average, as the saved LoRA will be.
             with ema_weights(trainer):

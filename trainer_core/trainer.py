@@ -218,6 +218,7 @@ class Trainer:
         self._batches: list[list[int]] = []
         self._conditioning_keys = sorted(self.samples[0].conditioning)
         self._graphed: GraphedSteps | None = None
+        self._swapper: BlockSwapper | None = None
         self._loading_state: dict = {}
         # How many blocks the session swaps (blockswap.py; decided when it starts where blocks_to_swap is auto).
         self.blocks_swapped = 0
@@ -251,7 +252,7 @@ class Trainer:
         cfg = self.config
         compile_blocks = self.compiles_blocks
         blocks = self.family.checkpoint_blocks() if cfg.gradient_checkpointing or compile_blocks else []
-        swapper = self._block_swapper(blocks)
+        swapper = self._swapper = self._block_swapper(blocks)
         if swapper is None:
             self._load_model()
         with torch.inference_mode(False), torch.enable_grad():
@@ -290,6 +291,7 @@ class Trainer:
                 if self._graphed is not None:
                     self._graphed.release()
                     self._graphed = None
+                self._swapper = None
                 self.network.eval()
                 if self.text_encoding is not None:
                     self.text_encoding.loras.eval()
@@ -349,7 +351,7 @@ class Trainer:
         available = device_memory_available(self.device) + self.patcher.loaded_size()
         estimate = estimate_step(self.family.diffusion_model, blocks, sum(p.numel() for p in self.network.parameters()),
                                  self.config.optimizer, batch_shape, text_tokens, self.family.compute_dtype(),
-                                 available)
+                                 available, graphed=self.uses_cuda_graphs)
         return chosen_swap_count([tensor_bytes(b) for b in blocks], estimate, f"batch {tuple(batch_shape)}")
 
     @contextlib.contextmanager
@@ -598,9 +600,22 @@ class Trainer:
     def _forward_backward(self, latents, noise, timesteps, *conditioning_values) -> torch.Tensor:
         """One micro-batch's loss and backward; returns the loss, detached."""
         conditioning = dict(zip(self._conditioning_keys, conditioning_values, strict=True))
-        loss = self.loss(latents, conditioning, noise, timesteps)
-        self.scaler.scale(loss / self.config.gradient_accumulation).backward()
+        try:
+            loss = self.loss(latents, conditioning, noise, timesteps)
+            self.scaler.scale(loss / self.config.gradient_accumulation).backward()
+        except BaseException:
+            if self._swapper is not None:
+                # Inside a recording, a block's copy left pending would hide this error behind CUDA's
+                # "capturing stream has unjoined work".
+                self._swapper.join()
+            raise
         return loss.detach()
+
+    def release_graphs(self) -> None:
+        """Gives back the recorded steps' memory for something else on the card between steps (a preview's
+        sampler and VAE); each shape is recorded again at its next step."""
+        if self._graphed is not None:
+            self._graphed.release()
 
     def current_lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
