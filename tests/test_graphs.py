@@ -13,6 +13,7 @@ real graphs run on the GPU in bench/bench.py (bench/NOTES.md §5).
 import contextlib
 import sys
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 import trainer_core.trainer
+from trainer_core import sampling
 from trainer_core.config import ConfigError, LoraConfig
 from trainer_core.graphs import CAPTURED_FREE_WARNING, GraphedSteps
 from trainer_core.trainer import Sample, Trainer
@@ -225,6 +227,32 @@ def test_a_swapped_run_replays_its_blocks_copies_and_trains_exactly_like_an_unsw
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(eager_losses), rtol=0, atol=0)
     for key, value in eager_weights.items():
         torch.testing.assert_close(weights[key], value, rtol=0, atol=0)
+
+
+def test_a_preview_gets_the_recorded_steps_memory_and_the_steps_are_recorded_again_after_it(recorded_graphs,
+                                                                                             monkeypatch, tmp_path):
+    """A recorded step's pool holds its activations between steps; a preview's sampler and VAE need that
+    memory on a small card (SD3.5 Medium on 8 GB ran out of memory previewing beside it). The preview hook
+    releases the graphs first; the next steps record again and train as the eager run does."""
+    patcher = MODEL_FACTORIES["sd3"]()
+    samples = fixed_samples(patcher, 2)
+    at_preview = []
+
+    def preview(patcher, vae, encoded, settings):
+        at_preview.append(recorded_graphs[-1].graph_count)
+        return torch.zeros(1, 8, 8, 3)
+
+    monkeypatch.setattr(sampling, "sample_images", preview)
+    monkeypatch.setattr(sampling.comfy_compat, "unload_models", lambda models: None)
+    hook = sampling.SampleHook(SimpleNamespace(patcher=None), None, sampling.SampleSettings(("x",)), 3,
+                               tmp_path / "samples")
+    eager_losses, _ = trained(patcher, samples, "off", steps=8)
+    losses, _ = trained(patcher, samples, "auto", steps=8, between_steps=lambda trainer: hook.on_step(trainer)
+                        if trainer.state.step % 3 == 0 else None)
+    # Recorded at step 2, released at the previews after steps 3 and 6, recorded again at steps 4 and 7.
+    assert at_preview == [0, 0]
+    assert recorded_graphs[-1].count_at_release == 1
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(eager_losses), rtol=0, atol=0)
 
 
 def test_graphs_stay_off_where_a_step_cannot_be_one_graph():
