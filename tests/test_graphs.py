@@ -13,6 +13,7 @@ real graphs run on the GPU in bench/bench.py (bench/NOTES.md §5).
 import contextlib
 import sys
 import warnings
+import weakref
 from types import SimpleNamespace
 
 import pytest
@@ -25,7 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 import trainer_core.trainer
-from trainer_core import sampling
+from trainer_core import blockswap, sampling
 from trainer_core.config import ConfigError, LoraConfig
 from trainer_core.graphs import CAPTURED_FREE_WARNING, GraphedSteps
 from trainer_core.trainer import Sample, Trainer
@@ -321,6 +322,57 @@ def test_a_recording_that_runs_out_of_memory_leaves_the_run_eager(recorded_graph
     assert [g.count_at_release for g in recorded_graphs] == [0]
     assert "out of GPU memory while recording the training step" in caplog.text
     assert handled_during_steps and not any(handled_during_steps)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(eager_losses), rtol=0, atol=0)
+    for key, value in eager_weights.items():
+        torch.testing.assert_close(weights[key], value, rtol=0, atol=0)
+
+
+def test_a_swapped_step_that_fails_inside_its_recording_joins_its_copies_frees_its_memory_and_goes_on_eagerly(
+        recorded_graphs, monkeypatch, caplog):
+    """Out of memory halfway through recording a swapped step (the second bucket's, beside the first graph's
+    pool: SD3.5 Large on a 12 GB card, eighth session). On the GPU the next block's copy was pending on the
+    side stream, and CUDA ended the recording with "capturing stream has unjoined work", hiding the real error;
+    the attempt's activations then stayed allocated and the eager retry ran out of memory too. Here the stand-in
+    recording raises in the middle of the backward: the step must join the pending copies before the error
+    leaves it, the retry must find the failed attempt's tensors freed, and the run trains as the eager one."""
+    failing = {"ops": 0, "made": [], "joined": []}
+
+    class FullCard(Recording):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = super().__torch_dispatch__(func, types, args, kwargs)
+            if recorded_graphs[-1].graph_count and torch._C._current_graph_task_id() != -1:
+                failing["made"] += [weakref.ref(t) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+                failing["ops"] += 1
+                if failing["ops"] == 40:
+                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 214.00 MiB")
+            return out
+
+    monkeypatch.setattr(torch.cuda, "graph", FullCard)
+    join = blockswap.BlockSwapper.join
+    monkeypatch.setattr(blockswap.BlockSwapper, "join",
+                        lambda self: failing["joined"].append(sorted(self._present)) or join(self))
+    alive_at_retry = []
+    forward_backward = Trainer._forward_backward
+
+    def noting_survivors(self, *args):
+        if failing["ops"] >= 40 and not alive_at_retry:
+            # What the attempt computed; not the swapper's tensors placed on its buffers' memory (kept for the run).
+            buffers = {b.memory.untyped_storage().data_ptr() for b in self._swapper._buffers}
+            alive_at_retry.append(sum(ref() is not None and ref().untyped_storage().data_ptr() not in buffers
+                                      for ref in failing["made"]))
+        return forward_backward(self, *args)
+
+    monkeypatch.setattr(Trainer, "_forward_backward", noting_survivors)
+    patcher = deep_flux()
+    square = fixed_samples(patcher, 2)
+    wide = [Sample(F.interpolate(s.latents[None], size=(8, 16))[0], s.conditioning, key=f"wide{i}")
+            for i, s in enumerate(square)]
+    eager_losses, eager_weights = trained(patcher, square + wide, "off", steps=8)
+    losses, weights = trained(patcher, square + wide, "auto", steps=8, blocks_to_swap=3)
+    assert "out of GPU memory while recording the training step" in caplog.text
+    # The failure came in the backward, with the copy of the next block (in backward order) made ahead.
+    assert len(failing["joined"]) == 1 and failing["joined"][0]
+    assert alive_at_retry == [0], "the failed recording's tensors are freed before the eager retry"
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(eager_losses), rtol=0, atol=0)
     for key, value in eager_weights.items():
         torch.testing.assert_close(weights[key], value, rtol=0, atol=0)
