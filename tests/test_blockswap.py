@@ -464,6 +464,31 @@ def test_the_auto_choice_swaps_the_fewest_blocks_that_fit():
     assert fewest_blocks_that_fit(blocks, hopeless) == 10
 
 
+def test_auto_plans_the_recorded_steps_memory_and_steps_eagerly_where_it_cannot_fit(caplog):
+    """Where a run records CUDA graphs, `auto` plans for their pool (activations twice); on a card where that
+    does not fit even with every block swapped, it plans for eager steps and turns the graphs off, rather
+    than have the recording run out of memory."""
+    mib = 1 << 20
+    blocks = [100 * mib] * 10
+
+    def estimate(available, activations):
+        return MemoryEstimate(rest_of_model=50 * mib, lora=10 * mib, activations=activations, available=available)
+
+    # 2000 MiB free less the margin (612): 1388. Graphed (activations 2 x 300): 660 + 1000 of blocks does not fit;
+    # n swapped leave 660 + (10 - n) x 100 + 3 x 100 of buffers: 1460 at 5, 1360 at 6. Eager: 360 + 1000 fits whole.
+    with caplog.at_level(logging.INFO, logger="trainer_core.blockswap"):
+        assert blockswap.chosen_swap_plan(blocks, estimate(2000 * mib, 600 * mib), estimate(2000 * mib, 300 * mib),
+                                          "batch") == (6, True)
+        assert blockswap.chosen_swap_plan(blocks, None, estimate(2000 * mib, 300 * mib), "batch") == (0, False)
+        assert "steps run eagerly" not in caplog.text
+        # 1300 MiB free less the margin (577): 723. The graphed step needs 660 + 300 of buffers even with every
+        # block swapped; the eager one fits with all 10 swapped (360 + 300), not with 9 (760).
+        assert blockswap.chosen_swap_plan(blocks, estimate(1300 * mib, 600 * mib), estimate(1300 * mib, 300 * mib),
+                                          "batch") == (10, False)
+    assert ("a step recorded as a CUDA graph does not fit even with every block swapped; steps run eagerly"
+            in caplog.text)
+
+
 @pytest.mark.parametrize("free_mib, expected", [(1 << 20, 0), (0, 7)])
 def test_auto_reads_the_free_memory_says_how_many_it_swaps_and_the_run_reports_it(monkeypatch, caplog, free_mib,
                                                                                    expected):

@@ -110,11 +110,12 @@ def fewest_blocks_that_fit(block_bytes: Sequence[int], estimate: MemoryEstimate)
     The margin holds for the unswapped model too: Flux fp8 on a 16 GB card, estimated at 14.3 of 14.6 GiB
     free, trained at its limit (no room for CUDA graphs, the allocator freeing and re-reserving) at 0.72 s a
     step, slower than with 30 blocks swapped on a 12 GB card (0.58 s)."""
-    budget = estimate.available - estimate.margin
-    for count in range(len(block_bytes) + 1):
-        if bytes_on_device(block_bytes, count, estimate) <= budget:
-            return count
-    return len(block_bytes)
+    return next((count for count in range(len(block_bytes) + 1) if fits(block_bytes, count, estimate)),
+                len(block_bytes))
+
+
+def fits(block_bytes: Sequence[int], swap_count: int, estimate: MemoryEstimate) -> bool:
+    return bytes_on_device(block_bytes, swap_count, estimate) + estimate.margin <= estimate.available
 
 
 def chosen_swap_count(block_bytes: Sequence[int], estimate: MemoryEstimate, batch: str) -> int:
@@ -131,6 +132,20 @@ def chosen_swap_count(block_bytes: Sequence[int], estimate: MemoryEstimate, batc
         log.warning("block swap (auto): even with every block swapped the estimate exceeds the free memory; the run "
                     "tries anyway")
     return count
+
+
+def chosen_swap_plan(block_bytes: Sequence[int], graphed: MemoryEstimate | None, eager: MemoryEstimate,
+                     batch: str) -> tuple[int, bool]:
+    """How many blocks to swap, and whether steps record as CUDA graphs: by the `graphed` estimate (None: the
+    run does not record them) where its step fits with at most every block swapped; else by the `eager` one,
+    with graphs off. A card too small for a recorded step's pool beside the model's least trains as it can
+    eagerly (Flux fp8 on 8 GB: 6.5 GiB free, 5.9 GiB estimated for the graphed step without any block)."""
+    if graphed is not None and fits(block_bytes, len(block_bytes), graphed):
+        return chosen_swap_count(block_bytes, graphed, batch), True
+    if graphed is not None:
+        log.info("block swap (auto): a step recorded as a CUDA graph does not fit even with every block swapped; "
+                 "steps run eagerly")
+    return chosen_swap_count(block_bytes, eager, batch), False
 
 
 def activation_bytes(hidden_states: Sequence[int], compute_bytes: int, largest_block_parameters: int,

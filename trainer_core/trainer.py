@@ -21,7 +21,7 @@ from torch.nn.attention import SDPBackend
 
 from . import comfy_compat
 from .attention import kernel_order, kernels_in_order
-from .blockswap import BlockSwapper, chosen_swap_count, estimate_step, swapped_indices, tensor_bytes
+from .blockswap import BlockSwapper, chosen_swap_plan, estimate_step, swapped_indices, tensor_bytes
 from .checkpointing import make_autograd_safe, wrapped_blocks
 from .comfy_compat import device_memory_available
 from .config import BLOCKS_TO_SWAP_AUTO, ConfigError, LoraConfig, TrainConfig
@@ -220,8 +220,10 @@ class Trainer:
         self._graphed: GraphedSteps | None = None
         self._swapper: BlockSwapper | None = None
         self._loading_state: dict = {}
-        # How many blocks the session swaps (blockswap.py; decided when it starts where blocks_to_swap is auto).
+        # How many blocks the session swaps (blockswap.py; decided when it starts where blocks_to_swap is auto),
+        # and whether a recorded step's memory fits beside them (auto turns CUDA graphs off where it cannot).
         self.blocks_swapped = 0
+        self._graphs_fit = True
 
     @property
     def device(self) -> torch.device:
@@ -349,10 +351,16 @@ class Trainer:
         text_tokens = max((t.shape[0] for s in self.samples for c in (s.conditioning, *(a for _, a in s.alternatives))
                            for t in c.values() if t.ndim == 2), default=0)
         available = device_memory_available(self.device) + self.patcher.loaded_size()
-        estimate = estimate_step(self.family.diffusion_model, blocks, sum(p.numel() for p in self.network.parameters()),
+
+        def estimate(graphed: bool):
+            return estimate_step(self.family.diffusion_model, blocks, sum(p.numel() for p in self.network.parameters()),
                                  self.config.optimizer, batch_shape, text_tokens, self.family.compute_dtype(),
-                                 available, graphed=self.uses_cuda_graphs)
-        return chosen_swap_count([tensor_bytes(b) for b in blocks], estimate, f"batch {tuple(batch_shape)}")
+                                 available, graphed=graphed)
+
+        count, self._graphs_fit = chosen_swap_plan([tensor_bytes(b) for b in blocks],
+                                                   estimate(True) if self.uses_cuda_graphs else None, estimate(False),
+                                                   f"batch {tuple(batch_shape)}")
+        return count
 
     @contextlib.contextmanager
     def _swapping(self, swapper: BlockSwapper | None):
@@ -404,12 +412,13 @@ class Trainer:
         one backward (gradient accumulation), a gradient scaler (fp16) reads values on the host
         between them, a subclass says its backward cannot be recorded (`records_graphs`), or LoRA
         dropout draws masks that the checkpoints' recomputes must redraw alike (not verified in a
-        recorded graph). Swapped blocks are recorded with their copies (blockswap.py)."""
+        recorded graph), or `blocks_to_swap` auto found no room for a recorded step's memory. Swapped
+        blocks are recorded with their copies (blockswap.py)."""
         cfg = self.config
         # Encoding captions reads tokens on the host in every step: no text-encoder training either.
         return (cfg.cuda_graphs == "auto" and self.device.type == "cuda" and cfg.gradient_accumulation == 1
                 and not self.scaler.is_enabled() and self.records_graphs and self.lora_config.dropout == 0
-                and self.text_encoding is None)
+                and self.text_encoding is None and self._graphs_fit)
 
     @property
     def attention_kernels(self) -> list[SDPBackend]:
