@@ -21,6 +21,7 @@ through the same loaders: a small SD3 (detected by shape) with the real-size CLI
 CLIP-G's pooled half with zeros).
 """
 
+import inspect
 import logging
 import os
 import random
@@ -194,7 +195,16 @@ def _sdxl_checkpoint(device) -> dict:
     clip = comfy.sdxl_clip.SDXLClipModel(device=device, dtype=fp16)
     architectures.randomize_(clip, seed=1)
     vae = _vae(4, device)
-    return patcher.model.state_dict_for_saving(clip.state_dict(), vae.state_dict())
+    return checkpoint_state_dict(patcher.model, clip.state_dict(), vae.state_dict())
+
+
+def checkpoint_state_dict(model, clip_state_dict: dict, vae_state_dict: dict) -> dict:
+    """The single-file layout of `model` with its encoders and VAE, through the host's `state_dict_for_saving`:
+    ComfyUI 0.3.75 takes the UNet from the model, newer hosts (0.33) take it as a first argument."""
+    extra = {}
+    if "unet_state_dict" in inspect.signature(model.state_dict_for_saving).parameters:
+        extra["unet_state_dict"] = model.diffusion_model.state_dict()
+    return model.state_dict_for_saving(clip_state_dict=clip_state_dict, vae_state_dict=vae_state_dict, **extra)
 
 
 def _encoder(encoder_class, device) -> dict:

@@ -126,6 +126,33 @@ def test_the_real_run_bench_reads_nvidia_smi_of_the_runs_gpu_alone() -> None:
     assert realrun.visible_gpu({}) == "0"
 
 
+def test_the_real_run_writes_sdxl_checkpoints_whole_on_every_host(comfy_host: Path) -> None:
+    """The SDXL file holds the UNet, the encoders and the VAE under the names ComfyUI's checkpoint loader reads.
+    ComfyUI 0.33 changed `state_dict_for_saving` to take the UNet as its first argument; called as on 0.3.75 it
+    wrote the encoders as the UNet, which 0.33 then could not detect."""
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    import comfy.sdxl_clip
+    import realrun_files
+    import torch
+    from tiny_models import build_sdxl
+
+    model = build_sdxl().model
+    with torch.device("meta"):
+        clip = comfy.sdxl_clip.SDXLClipModel(device="meta", dtype=torch.float16).state_dict()
+    vae = {"encoder.conv_in.weight": torch.ones(2, 3, 3, 3), "decoder.conv_out.bias": torch.zeros(3)}
+    written = realrun_files.checkpoint_state_dict(model, dict(clip), dict(vae))  # ComfyUI renames in place
+
+    unet = model.diffusion_model.state_dict()
+    assert {k.removeprefix("model.diffusion_model.") for k in written if k.startswith("model.diffusion_model.")} \
+        == set(unet)
+    assert all(torch.equal(written[f"model.diffusion_model.{k}"], v) for k, v in unet.items())
+    assert written["first_stage_model.encoder.conv_in.weight"] is vae["encoder.conv_in.weight"]
+    encoders = [k for k in written if k.startswith("conditioner.embedders.")]
+    assert any(k.startswith("conditioner.embedders.0.transformer.") for k in encoders)  # CLIP-L
+    assert any(k.startswith("conditioner.embedders.1.model.") for k in encoders)  # CLIP-G, OpenCLIP names
+    assert len(written) == len(unet) + len(vae) + len(encoders)
+
+
 def test_the_real_run_bench_with_dop_runs_each_configuration_without_and_with_it(comfy_host: Path,
                                                                                   tmp_path: Path) -> None:
     """`--dop` (differential output preservation's cost per step): two lora-train runs at the CPU scale, the second
