@@ -6,13 +6,16 @@ import math
 import comfy.ldm.flux.math
 import comfy.ldm.modules.attention
 import comfy.model_management
+import comfy.model_patcher
 import comfy.ops
+import comfy.sd
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import MODEL_FACTORIES, load_sd3, random_inputs
+from tiny_models import MODEL_FACTORIES, dynamic_vram_stand_in, load_sd3, needs_dynamic_vram, random_inputs, sd3_file
 from torch.nn.attention import SDPBackend
 
+from trainer_core import loading
 from trainer_core.attention import cudnn_attention_fault
 from trainer_core.config import ConfigError, LoraConfig, TrainConfig
 from trainer_core.families import family_for
@@ -254,6 +257,28 @@ def test_learning_rate_schedules(schedule, expected):
     trainer.run(lambda t, reports: lrs.extend(r.lr for r in reports))
     expected_lrs = 1e-3 * torch.tensor(expected, dtype=torch.float64)
     torch.testing.assert_close(torch.tensor(lrs, dtype=torch.float64), expected_lrs)
+
+
+@needs_dynamic_vram
+def test_a_model_loaded_for_dynamic_vram_trains_as_a_plainly_loaded_one(monkeypatch):
+    plain = load_sd3()
+    samples = fixed_samples(plain, 2)
+    reference = run_collecting_losses(Trainer(plain, samples, LoraConfig(rank=4), train_config(steps=3)))
+    monkeypatch.setattr(comfy.model_patcher, "CoreModelPatcher", dynamic_vram_stand_in())
+    dynamic = load_sd3()
+    assert dynamic.is_dynamic()
+
+    trainer = Trainer(dynamic, samples, LoraConfig(rank=4), train_config(steps=3))
+    assert not trainer.patcher.is_dynamic() and trainer.patcher.model is not dynamic.model
+    assert run_collecting_losses(trainer) == reference
+
+
+@needs_dynamic_vram
+def test_load_base_model_loads_plain_where_the_host_loads_for_dynamic_vram(monkeypatch):
+    monkeypatch.setattr(comfy.model_patcher, "CoreModelPatcher", dynamic_vram_stand_in())
+    assert comfy.sd.load_checkpoint_guess_config(str(sd3_file()), output_clip=False)[0].is_dynamic()
+    model, clip, vae, family = loading.load_diffusion_model(str(sd3_file()), True, None)
+    assert not model.is_dynamic() and family == "sd3"
 
 
 @pytest.mark.parametrize("name", ["sd3", "flux_dev"])

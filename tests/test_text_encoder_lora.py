@@ -4,14 +4,15 @@ Train LoRA's CLIP."""
 
 import logging
 
+import comfy.model_patcher
 import comfy.sd
 import numpy as np
 import pytest
 import safetensors
 import torch
 from PIL import Image
-from tiny_encoders import LATENT_CHANNELS, build_clip, build_fp32_clip, build_vae
-from tiny_models import MODEL_FACTORIES
+from tiny_encoders import LATENT_CHANNELS, build_clip, build_fp32_clip, build_vae, clip_files, clip_model_options
+from tiny_models import MODEL_FACTORIES, dynamic_vram_stand_in, needs_dynamic_vram
 
 from trainer_core import export
 from trainer_core.config import ConfigError, LoraConfig, SaveConfig, TrainConfig
@@ -150,6 +151,29 @@ def test_training_with_the_text_encoders_lowers_the_loss_and_changes_their_outpu
     patched = export.apply_text_encoder_lora_to_clone(clip, trainer)
     cond, pooled = patched.encode_from_tokens(patched.tokenize(CAPTIONS["red.png"]), return_pooled=True)
     assert relative_error(cond, base_cond) > 1e-6 or relative_error(pooled, base_pooled) > 1e-6
+
+
+@needs_dynamic_vram
+def test_text_encoders_loaded_for_dynamic_vram_train_as_plainly_loaded_ones(dataset, tmp_path, monkeypatch):
+    def load_flux_clip():
+        return comfy.sd.load_clip([str(p) for p in clip_files("flux")], clip_type=comfy.sd.CLIPType.FLUX,
+                                  model_options=clip_model_options("flux"))
+
+    def losses(trainer):
+        collected = []
+        trainer.run(lambda t, reports: collected.extend(r.loss for r in reports))
+        return collected
+
+    reference, _ = make_trainer("flux", dataset, tmp_path / "plain", "clip+t5", clip=load_flux_clip(), steps=3)
+    monkeypatch.setattr(comfy.model_patcher, "CoreModelPatcher", dynamic_vram_stand_in())
+    dynamic = load_flux_clip()
+    assert dynamic.patcher.is_dynamic()
+
+    trainer, _ = make_trainer("flux", dataset, tmp_path / "dynamic", "clip+t5", clip=dynamic, steps=3)
+    trained = trainer.text_encoding.clip
+    assert not trained.patcher.is_dynamic() and trained.cond_stage_model is trained.patcher.model
+    assert trained.cond_stage_model is not dynamic.cond_stage_model
+    assert losses(trainer) == losses(reference)
 
 
 def test_the_text_encoders_train_at_their_own_learning_rate(dataset, tmp_path):

@@ -10,6 +10,8 @@ Slow set, through ComfyUI's real file loaders:
 - `build_flux_full_width(variant)`: hidden 3072, one double and one single block, via `load_diffusion_model`.
 - `build_sdxl_full(prediction)`: the full SDXL UNet (2.6 B parameters), via the checkpoint loader.
 `flux_full_width_file(variant, context_dim)`: the full-width Flux's file, for tests that hand it to a loader.
+`dynamic_vram_stand_in()`: the patcher ComfyUI 0.33's server loaders make on a GPU, made on the CPU
+(tests that use it are marked `needs_dynamic_vram`).
 
 Every factory builds once per session and then hands out clones of its cached `ModelPatcher` (same `.model`).
 Model files are written in the dtype of the real releases (fp16 SDXL, bf16 Flux) into a temp dir removed at exit.
@@ -31,6 +33,7 @@ import comfy.sd
 import comfy.supported_models
 import comfy.supported_models_base
 import comfy.utils
+import pytest
 import safetensors
 import safetensors.torch
 import torch
@@ -273,12 +276,17 @@ def build_sd3(x_block_self_attn_layers: tuple[int, ...] = ()) -> comfy.model_pat
 def load_sd3(x_block_self_attn_layers: tuple[int, ...] = ()) -> comfy.model_patcher.ModelPatcher:
     """The tiny SD3 of `build_sd3` read anew from its file, as a loader node reads it (a model of its own, not
     the shared one: under inference mode its weights are inference tensors, as in ComfyUI)."""
-    config = comfy.supported_models.SD3(TINY_SD3_UNET | {"x_block_self_attn_layers": list(x_block_self_attn_layers)})
-    name = "sd3_tiny" + "".join(f"_attn2_{i}" for i in x_block_self_attn_layers)
-    path = _model_file(name, lambda p: _write_model_file(p, config, torch.float32, CHECKPOINT_PREFIX))
+    path = sd3_file(x_block_self_attn_layers)
     patcher = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=False, output_clip=False)[0]
     _check_loaded(patcher, path, CHECKPOINT_PREFIX)
     return patcher
+
+
+def sd3_file(x_block_self_attn_layers: tuple[int, ...] = ()) -> Path:
+    """The checkpoint file of the tiny SD3 (fp32, UNet only), written once per session."""
+    config = comfy.supported_models.SD3(TINY_SD3_UNET | {"x_block_self_attn_layers": list(x_block_self_attn_layers)})
+    name = "sd3_tiny" + "".join(f"_attn2_{i}" for i in x_block_self_attn_layers)
+    return _model_file(name, lambda p: _write_model_file(p, config, torch.float32, CHECKPOINT_PREFIX))
 
 
 def build_flux(variant: str = "dev", blocks: tuple[int, int] = (1, 1)) -> comfy.model_patcher.ModelPatcher:
@@ -393,3 +401,18 @@ def random_inputs(
     if unet.get("guidance_embed"):
         inputs["guidance"] = torch.ones(batch)
     return inputs
+
+
+def dynamic_vram_stand_in() -> type:
+    """ComfyUI 0.33's dynamic-VRAM patcher, which its server's loaders return on NVIDIA cards. For a CPU device
+    ComfyUI makes a plain ModelPatcher instead, so here a ModelPatcher that says it is dynamic stands in, with
+    ModelPatcherDynamic's own way to a plain delegate (the model loaded again from its file)."""
+    return type("DynamicStandIn", (comfy.model_patcher.ModelPatcher,), {
+        "is_dynamic": lambda self: True,
+        "non_dynamic_delegate_model": None,
+        "get_non_dynamic_delegate": comfy.model_patcher.ModelPatcherDynamic.get_non_dynamic_delegate,
+    })
+
+
+needs_dynamic_vram = pytest.mark.skipif(not hasattr(comfy.model_patcher, "ModelPatcherDynamic"),
+                                        reason="this host has no dynamic VRAM loading (ComfyUI 0.3.75)")

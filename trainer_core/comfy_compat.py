@@ -43,6 +43,28 @@ def unload_models(patchers) -> None:
     comfy.model_management.soft_empty_cache()
 
 
+def plain_patcher(patcher):
+    """`patcher`, or where it is ComfyUI 0.33's dynamic-VRAM patcher (what its server's own loaders return on
+    NVIDIA cards) the plain ModelPatcher ComfyUI makes of it for code that needs the weights as parameters
+    (its torch.compile node does the same): the model loaded again from its file. A dynamic patcher keeps the
+    weights in host memory and pages them onto the card as each layer runs, which block swap, the base weight
+    under a LoRA and a recorded step cannot follow."""
+    if getattr(patcher, "is_dynamic", lambda: False)():
+        return patcher.get_non_dynamic_delegate()
+    return patcher
+
+
+def plain_clip(clip):
+    """`clip`, or where its patcher is dynamic (see plain_patcher) a clone whose encoders are the plain patcher's
+    model. ComfyUI's `CLIP.clone(disable_dynamic=True)` loads the encoders again for the plain patcher but keeps
+    the dynamic ones as the clone's `cond_stage_model`, which encodes; here the clone encodes with what trains."""
+    if not getattr(clip.patcher, "is_dynamic", lambda: False)():
+        return clip
+    plain = clip.clone(disable_dynamic=True)
+    plain.cond_stage_model = plain.patcher.model
+    return plain
+
+
 # What ComfyUI's partial (lowvram) loading sets on the modules of its ops (comfy/model_patcher.py in 0.3.75:
 # `partially_unload`, `wipe_lowvram_weight`), shadowing class attributes with instance ones.
 _LOADING_ATTRIBUTES = ("comfy_cast_weights", "prev_comfy_cast_weights", "weight_function", "bias_function",

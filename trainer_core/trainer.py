@@ -184,10 +184,12 @@ class Trainer:
     ):
         if not samples:
             raise ConfigError("dataset: it holds no samples; add images to the dataset folder")
-        self.patcher = patcher
+        self.patcher = comfy_compat.plain_patcher(patcher)
+        if self.patcher is not patcher:
+            log.info("the model came with ComfyUI's dynamic VRAM loading; training a plainly loaded copy of it")
         self.config = config
         self.lora_config = lora
-        self.family = family_for(patcher.model, config)
+        self.family = family_for(self.patcher.model, config)
         self.samples = list(samples)
         self.order = BatchOrder([tuple(s.latents.shape) for s in self.samples], config.batch_size, config.seed)
         # One generator on the training device for timesteps and noise (no host round trip per
@@ -237,7 +239,7 @@ class Trainer:
         if any(SIZE not in s.conditioning for s in self.samples):
             raise ConfigError("lora.text_encoders: the samples hold cached embeddings; build them with "
                               "build_samples(..., train_text_encoders=True), which keeps the captions' tokens")
-        encoding = CaptionEncoding(clip, self.lora_config, self.family, self.device)
+        encoding = CaptionEncoding(comfy_compat.plain_clip(clip), self.lora_config, self.family, self.device)
         encoding.prepare([c for s in self.samples for c in (s.conditioning, *(a for _, a in s.alternatives))])
         return encoding
 
