@@ -15,16 +15,20 @@ share one memory pool; they never run at once.
 """
 
 import logging
-import warnings
 from collections.abc import Callable
 
 import torch
 
 log = logging.getLogger(__name__)
 
-# What cudaMallocAsync, a ComfyUI server's default allocator, says at each free of memory that a recording
-# allocated, made outside a recording: harmless here, where the graph that wrote the memory is dropped with it.
-CAPTURED_FREE_WARNING = "Attempting uncaptured free of a captured allocation"
+
+def records_on(device: torch.device) -> bool:
+    """Whether steps on `device` can be recorded: on CUDA, under PyTorch's own caching allocator. Under
+    cudaMallocAsync, which a ComfyUI server turns on unless started with `--disable-cuda-malloc`, freeing the
+    memory of a recording that failed raises inside a destructor and aborts the process: on the H200 a
+    swapped step's recording ("invalid argument") and a re-recording out of memory each took the whole
+    ComfyUI server down (bench/NOTES.md §14)."""
+    return device.type == "cuda" and torch.cuda.get_allocator_backend() != "cudaMallocAsync"
 
 
 def _signature(tensors: list[torch.Tensor]) -> tuple:
@@ -133,12 +137,9 @@ class GraphedSteps:
         torch.cuda.empty_cache()
 
     def _drop_graphs(self) -> None:
-        # Freed by Python's reference counting, each of a graph's tensors (its loss, every LoRA gradient) would
-        # print CAPTURED_FREE_WARNING to stderr under cudaMallocAsync: thousands of lines in the ComfyUI
-        # console at each re-recording. Freed inside a torch call (set_ to empty storage) it is a Python
-        # warning, and filtered.
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.filterwarnings("ignore", message=CAPTURED_FREE_WARNING)
+        # A graph's loss and gradients are emptied here, not left to whoever still holds them, so that the
+        # memory returns to the pool now.
+        with torch.no_grad():
             for captured in self._graphs.values():
                 for tensor in (captured.loss, *captured.grads):
                     if tensor is not None:

@@ -27,7 +27,7 @@ from .comfy_compat import device_memory_available
 from .config import BLOCKS_TO_SWAP_AUTO, ConfigError, LoraConfig, TrainConfig
 from .ema import LoraEma
 from .families import family_for
-from .graphs import GraphedSteps
+from .graphs import GraphedSteps, records_on
 from .lora import LoraNetwork
 from .loraplus import LR_RATIO, parameter_groups
 from .objective import masked, preservation_loss, split_terms
@@ -290,6 +290,10 @@ class Trainer:
                     if self.uses_cuda_graphs:
                         self._graphed = GraphedSteps(list(self.network.parameters()), self._forward_backward,
                                                      _addresses_of(diffusion_model, self.network))
+                    elif cfg.cuda_graphs == "auto" and self.device.type == "cuda" and not records_on(self.device):
+                        log.info("steps run without CUDA graphs: this process uses PyTorch's cudaMallocAsync "
+                                 "allocator (a ComfyUI server's default), where a failed recording would end the "
+                                 "process; start ComfyUI with --disable-cuda-malloc for faster, recorded steps")
                     yield self
             finally:
                 if self._graphed is not None:
@@ -414,11 +418,12 @@ class Trainer:
         one backward (gradient accumulation), a gradient scaler (fp16) reads values on the host
         between them, a subclass says its backward cannot be recorded (`records_graphs`), or LoRA
         dropout draws masks that the checkpoints' recomputes must redraw alike (not verified in a
-        recorded graph), or `blocks_to_swap` auto found no room for a recorded step's memory. Swapped
-        blocks are recorded with their copies (blockswap.py)."""
+        recorded graph), or `blocks_to_swap` auto found no room for a recorded step's memory, or the
+        process runs the cudaMallocAsync allocator (graphs.records_on). Swapped blocks are recorded with
+        their copies (blockswap.py)."""
         cfg = self.config
         # Encoding captions reads tokens on the host in every step: no text-encoder training either.
-        return (cfg.cuda_graphs == "auto" and self.device.type == "cuda" and cfg.gradient_accumulation == 1
+        return (cfg.cuda_graphs == "auto" and records_on(self.device) and cfg.gradient_accumulation == 1
                 and not self.scaler.is_enabled() and self.records_graphs and self.lora_config.dropout == 0
                 and self.text_encoding is None and self._graphs_fit)
 
