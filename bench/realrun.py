@@ -145,6 +145,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--square", action="store_true",
                         help="a dataset of one bucket (square images) instead of three aspect-ratio buckets; to "
                              "measure what the buckets cost")
+    parser.add_argument("--disable-cuda-malloc", action="store_true",
+                        help="start the node entry's ComfyUI server with --disable-cuda-malloc (PyTorch's native "
+                             "allocator instead of cudaMallocAsync, under which the engine records no CUDA graphs); "
+                             "to measure what a user gains with the flag")
     parser.add_argument("--child", choices=("generate", "cli", "server"), help=argparse.SUPPRESS)
     parser.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -296,7 +300,8 @@ class Bench:
         swap = "" if args.blocks_to_swap is None else f"-swap-{swap_text(args.blocks_to_swap)}"
         text_encoders = "" if args.text_encoders == "none" else f"-te-{args.text_encoders.replace('+', '-')}"
         self.name = (f"realrun-{self.label}{text_encoders}-{cards}gb-{args.entry}" + ("-dop" if args.dop else "")
-                     + swap + (f"-{args.optimizer}" if args.optimizer else "") + ("-square" if args.square else ""))
+                     + swap + (f"-{args.optimizer}" if args.optimizer else "") + ("-square" if args.square else "")
+                     + ("-native-allocator" if args.disable_cuda_malloc else ""))
         self.header: dict = {}
 
     def remaining(self) -> float:
@@ -353,6 +358,7 @@ class Bench:
             "warmup": args.warmup, "sample_every": args.sample_every, "save_every": args.save_every,
             "prompts": list(SAMPLE_PROMPTS[:args.prompts]), "commit": git_commit(), "dop_class": DOP_CLASS,
             "optimizer": args.optimizer or "default",
+            "server_cuda_malloc": not args.disable_cuda_malloc,
             "command": " ".join(sys.argv),
         }
 
@@ -408,7 +414,8 @@ class Bench:
         return outcome | failure_of(text)
 
     def run_node(self, run_dir: Path, env: dict, deadline: float, dop: bool) -> dict:
-        server = ComfyServer(run_dir / "server", self.args.models, env, cpu=self.args.cpu)
+        server = ComfyServer(run_dir / "server", self.args.models, env, cpu=self.args.cpu,
+                             extra_args=("--disable-cuda-malloc",) if self.args.disable_cuda_malloc else ())
         try:
             server.start(deadline)
             graph = node_graph(self, server.object_info(), run_dir, dop)
@@ -643,13 +650,14 @@ class ComfyServer:
     """A headless ComfyUI (the host the pack finds: COMFYUI_PATH or .comfyui) in a child process, with its own
     input/output/temp/user folders under `root`, the model folders of `models`, and this pack as a custom node."""
 
-    def __init__(self, root: Path, models: Path, env: dict, cpu: bool):
+    def __init__(self, root: Path, models: Path, env: dict, cpu: bool, extra_args: tuple[str, ...] = ()):
         if str(REPO) not in sys.path:
             sys.path.append(str(REPO))
         from trainer_core.cli import find_comfyui
 
         self.host = find_comfyui()
         self.root, self.models, self.env, self.cpu = root, models, env, cpu
+        self.extra_args = extra_args
         self.log_path = root / "server.log"
         self.process: subprocess.Popen | None = None
         self.url = ""
@@ -685,6 +693,7 @@ class ComfyServer:
             command += ["--reserve-vram", self.env["REALRUN_RESERVE_GIB"]]
         if self.cpu:
             command.append("--cpu")
+        command += list(self.extra_args)
         full = [sys.executable, str(BENCH / "realrun.py"), "--child", "server", "--", *command]
         started = time.monotonic()
         with self.log_path.open("wb") as log_file:

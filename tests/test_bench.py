@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -194,6 +195,23 @@ def test_the_real_run_bench_can_swap_the_optimizer_and_use_one_bucket(comfy_host
     assert json.loads((Path(run["run_dir"]) / "config.yaml").read_text())["train"]["optimizer"] == "adamw"
     assert run["buckets"] == ["128x128"]
     assert len(run["steps"]) == 4
+
+
+def test_the_real_run_bench_can_start_the_server_with_the_native_allocator(comfy_host: Path, tmp_path: Path) -> None:
+    """`--disable-cuda-malloc` (what a user who starts ComfyUI with it gets: recorded steps, which the engine does
+    not record under cudaMallocAsync) reaches the node entry's server: ComfyUI's /system_stats shows its argv."""
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    import realrun
+
+    environment = os.environ | {"COMFYUI_PATH": str(comfy_host), "OMP_NUM_THREADS": "1"}
+    server = realrun.ComfyServer(tmp_path / "server", tmp_path / "models", environment, cpu=True,
+                                 extra_args=("--disable-cuda-malloc",))
+    try:
+        server.start(time.monotonic() + 300)
+        argv = server.request("GET", "/system_stats")["system"]["argv"]
+    finally:
+        server.stop()
+    assert "--disable-cuda-malloc" in argv and "--cpu" in argv
 
 
 def test_the_block_swap_bench_measures_copies_and_compute_per_block_kind(comfy_host: Path, tmp_path: Path) -> None:
