@@ -160,6 +160,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("give --model (sdxl, sd35m, sd35l, flux) or --tiny")
     if args.cpu and not args.tiny:
         parser.error("--cpu runs only --tiny: full-size models need the GPU")
+    if args.disable_cuda_malloc and args.entry == "cli":
+        parser.error("--disable-cuda-malloc is for the node entry's ComfyUI server: give --entry node or both")
     if not 1 <= args.warmup < args.steps:
         parser.error("need 1 <= --warmup < --steps")
     args.weights = args.weights or DEFAULT_WEIGHTS.get(args.model, "default")

@@ -12,6 +12,7 @@ import comfy.sd
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_encoders import clip_files
 from tiny_models import MODEL_FACTORIES, dynamic_vram_stand_in, load_sd3, needs_dynamic_vram, random_inputs, sd3_file
 from torch.nn.attention import SDPBackend
 
@@ -271,6 +272,20 @@ def test_a_model_loaded_for_dynamic_vram_trains_as_a_plainly_loaded_one(monkeypa
     trainer = Trainer(dynamic, samples, LoraConfig(rank=4), train_config(steps=3))
     assert not trainer.patcher.is_dynamic() and trainer.patcher.model is not dynamic.model
     assert run_collecting_losses(trainer) == reference
+    # A later run, from a clone of the dynamic patcher (ComfyUI's clones forget their plain copy), loads no
+    # second copy of the model.
+    again = Trainer(dynamic.clone(), samples, LoraConfig(rank=4), train_config(steps=3))
+    assert again.patcher.model is trainer.patcher.model
+
+
+@needs_dynamic_vram
+def test_a_dynamic_model_that_cannot_be_loaded_again_plainly_says_what_to_do(monkeypatch):
+    """A custom loader's dynamic patcher that does not say how it was loaded cannot be loaded plainly."""
+    plain = load_sd3()
+    dynamic = dynamic_vram_stand_in()(plain.model, plain.load_device, plain.offload_device)
+    with pytest.raises(ConfigError, match=r"^model: .*load it with Load Base Model, or start ComfyUI with "
+                                          r"--disable-dynamic-vram$"):
+        Trainer(dynamic, fixed_samples(plain, 2), LoraConfig(rank=4), train_config(steps=1))
 
 
 @needs_dynamic_vram
@@ -279,6 +294,9 @@ def test_load_base_model_loads_plain_where_the_host_loads_for_dynamic_vram(monke
     assert comfy.sd.load_checkpoint_guess_config(str(sd3_file()), output_clip=False)[0].is_dynamic()
     model, clip, vae, family = loading.load_diffusion_model(str(sd3_file()), True, None)
     assert not model.is_dynamic() and family == "sd3"
+    clip_l = str(clip_files("flux")[0])  # Flux's loader takes a CLIP-L file alone
+    assert comfy.sd.load_clip([clip_l], clip_type=comfy.sd.CLIPType.FLUX).patcher.is_dynamic()
+    assert not loading.load_text_encoders([clip_l], "flux").patcher.is_dynamic()
 
 
 @pytest.mark.parametrize("name", ["sd3", "flux_dev"])

@@ -174,6 +174,12 @@ def test_text_encoders_loaded_for_dynamic_vram_train_as_plainly_loaded_ones(data
     assert not trained.patcher.is_dynamic() and trained.cond_stage_model is trained.patcher.model
     assert trained.cond_stage_model is not dynamic.cond_stage_model
     assert losses(trainer) == losses(reference)
+    # A later run from a clone with its own settings encodes with those, on the same plain encoders.
+    clone = dynamic.clone()
+    clone.clip_layer(-2)
+    again, _ = make_trainer("flux", dataset, tmp_path / "again", "clip+t5", clip=clone, steps=1)
+    assert again.text_encoding.clip.cond_stage_model is trained.cond_stage_model
+    assert again.text_encoding.clip.layer_idx == -2
 
 
 def test_the_text_encoders_train_at_their_own_learning_rate(dataset, tmp_path):

@@ -405,13 +405,9 @@ def random_inputs(
 
 def dynamic_vram_stand_in() -> type:
     """ComfyUI 0.33's dynamic-VRAM patcher, which its server's loaders return on NVIDIA cards. For a CPU device
-    ComfyUI makes a plain ModelPatcher instead, so here a ModelPatcher that says it is dynamic stands in, with
-    ModelPatcherDynamic's own way to a plain delegate (the model loaded again from its file)."""
-    return type("DynamicStandIn", (comfy.model_patcher.ModelPatcher,), {
-        "is_dynamic": lambda self: True,
-        "non_dynamic_delegate_model": None,
-        "get_non_dynamic_delegate": comfy.model_patcher.ModelPatcherDynamic.get_non_dynamic_delegate,
-    })
+    ComfyUI makes a plain ModelPatcher instead, so here a ModelPatcher that says it is dynamic stands in: ComfyUI's
+    own `clone(disable_dynamic=True)` then makes the plain patcher of it (the model loaded again from its file)."""
+    return type("DynamicStandIn", (comfy.model_patcher.ModelPatcher,), {"is_dynamic": lambda self: True})
 
 
 needs_dynamic_vram = pytest.mark.skipif(not hasattr(comfy.model_patcher, "ModelPatcherDynamic"),

@@ -1,6 +1,7 @@
 """Calls into ComfyUI internals that differ, or may differ, between the supported host versions."""
 
 import contextlib
+import weakref
 
 import comfy.float
 import comfy.lora
@@ -43,24 +44,46 @@ def unload_models(patchers) -> None:
     comfy.model_management.soft_empty_cache()
 
 
+# The plain copy made of each dynamic model and text-encoder set (ComfyUI's clone override: the plain model and its
+# backups), for as long as the dynamic one lives. ComfyUI keeps it on the patcher it was made for and forgets it
+# in every clone of that patcher, so without this each run from a fresh clone would load the model again.
+_plain_copies: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _is_dynamic(patcher) -> bool:
+    return getattr(patcher, "is_dynamic", lambda: False)()
+
+
+def _plain_clone(patcher, what: str):
+    """A plain ModelPatcher of dynamic `patcher`'s model: the copy made before, else ComfyUI loads it again
+    from the file it came from (the loader's `cached_patcher_init`)."""
+    override = _plain_copies.get(patcher.model)
+    if override is None and getattr(patcher, "cached_patcher_init", None) is None:
+        raise ConfigError(f"{what}: it was loaded for ComfyUI's dynamic VRAM by a loader that cannot load it again "
+                          "for training; load it with Load Base Model, or start ComfyUI with --disable-dynamic-vram")
+    plain = patcher.clone(disable_dynamic=True, model_override=override)
+    _plain_copies[patcher.model] = plain.get_clone_model_override()
+    return plain
+
+
 def plain_patcher(patcher):
     """`patcher`, or where it is ComfyUI 0.33's dynamic-VRAM patcher (what its server's own loaders return on
-    NVIDIA cards) the plain ModelPatcher ComfyUI makes of it for code that needs the weights as parameters
-    (its torch.compile node does the same): the model loaded again from its file. A dynamic patcher keeps the
-    weights in host memory and pages them onto the card as each layer runs, which block swap, the base weight
-    under a LoRA and a recorded step cannot follow."""
-    if getattr(patcher, "is_dynamic", lambda: False)():
-        return patcher.get_non_dynamic_delegate()
-    return patcher
+    NVIDIA cards) a plain ModelPatcher of the model, loaded again from its file once (as ComfyUI's torch.compile
+    node does) and shared by later runs and clones. A dynamic patcher keeps the weights in host memory and pages
+    them onto the card as each layer runs, which block swap, the base weight under a LoRA and a recorded step
+    cannot follow."""
+    return _plain_clone(patcher, "model") if _is_dynamic(patcher) else patcher
 
 
 def plain_clip(clip):
-    """`clip`, or where its patcher is dynamic (see plain_patcher) a clone whose encoders are the plain patcher's
-    model. ComfyUI's `CLIP.clone(disable_dynamic=True)` loads the encoders again for the plain patcher but keeps
-    the dynamic ones as the clone's `cond_stage_model`, which encodes; here the clone encodes with what trains."""
-    if not getattr(clip.patcher, "is_dynamic", lambda: False)():
+    """`clip`, or where its patcher is dynamic (see plain_patcher) a clone that encodes with plain encoders, its
+    settings (last layer, tokenizer options) those of `clip`. ComfyUI's `CLIP.clone(disable_dynamic=True)`
+    would keep the dynamic encoders as the clone's `cond_stage_model`, which encodes, and load the plain ones
+    again at every call."""
+    if not _is_dynamic(clip.patcher):
         return clip
-    plain = clip.clone(disable_dynamic=True)
+    plain = clip.clone()
+    plain.patcher = _plain_clone(clip.patcher, "clip")
     plain.cond_stage_model = plain.patcher.model
     return plain
 
