@@ -695,7 +695,7 @@ class ComfyServer:
             command += ["--reserve-vram", self.env["REALRUN_RESERVE_GIB"]]
         if self.cpu:
             command.append("--cpu")
-        command += list(self.extra_args)
+        command += self.extra_args
         full = [sys.executable, str(BENCH / "realrun.py"), "--child", "server", "--", *command]
         started = time.monotonic()
         with self.log_path.open("wb") as log_file:

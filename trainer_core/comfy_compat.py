@@ -1,6 +1,7 @@
 """Calls into ComfyUI internals that differ, or may differ, between the supported host versions."""
 
 import contextlib
+import inspect
 import weakref
 
 import comfy.float
@@ -42,6 +43,14 @@ def unload_models(patchers) -> None:
         if model is not None and any(model.is_clone(patcher) for patcher in patchers):
             loaded.pop(index).model_unload()
     comfy.model_management.soft_empty_cache()
+
+
+def plain_loader_options(loader) -> dict:
+    """The option that makes a ComfyUI loader return its plain ModelPatcher. ComfyUI 0.33's server loads for
+    dynamic VRAM by default on NVIDIA cards: weights stay in host memory and are paged onto the card layer by
+    layer as the model runs. Training places and reads the weights itself (block swap, the base weight under a
+    LoRA, CUDA graphs of the step), so the models it trains are loaded plain, as on 0.3.75 (no such option)."""
+    return {"disable_dynamic": True} if "disable_dynamic" in inspect.signature(loader).parameters else {}
 
 
 # The plain copy made of each dynamic model and text-encoder set (ComfyUI's clone override: the plain model and its

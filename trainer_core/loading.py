@@ -1,12 +1,11 @@
 """The base model through ComfyUI's own loaders, for the Load Base Model node and the command line."""
 
-import inspect
-
 import comfy.sd
 import comfy.utils
 import safetensors
 import torch
 
+from . import comfy_compat
 from .config import TrainConfig
 from .families import family_for
 
@@ -26,24 +25,17 @@ def load_diffusion_model(path: str, is_checkpoint: bool, weight_dtype: torch.dty
     if is_checkpoint:
         loader = comfy.sd.load_checkpoint_guess_config
         model, clip, vae = loader(path, embedding_directory=embeddings, model_options=options,
-                                  **_plain_patchers(loader))[:3]
+                                  **comfy_compat.plain_loader_options(loader))[:3]
     else:
         loader = comfy.sd.load_diffusion_model
-        model = loader(path, model_options=options, **_plain_patchers(loader))
+        model = loader(path, model_options=options, **comfy_compat.plain_loader_options(loader))
     return model, clip, vae, family_for(model.model, TrainConfig()).name
 
 
 def load_text_encoders(paths: list[str], family: str, embeddings=None):
     loader = comfy.sd.load_clip
-    return loader(paths, embedding_directory=embeddings, clip_type=CLIP_TYPES[family], **_plain_patchers(loader))
-
-
-def _plain_patchers(loader) -> dict:
-    """The option that makes a ComfyUI loader return its plain ModelPatcher. ComfyUI 0.33's server loads for
-    dynamic VRAM by default on NVIDIA cards: weights stay in host memory and are paged onto the card layer by
-    layer as the model runs. Training places and reads the weights itself (block swap, the base weight under a
-    LoRA, CUDA graphs of the step), so the models it trains are loaded plain, as on 0.3.75 (no such option)."""
-    return {"disable_dynamic": True} if "disable_dynamic" in inspect.signature(loader).parameters else {}
+    return loader(paths, embedding_directory=embeddings, clip_type=CLIP_TYPES[family],
+                  **comfy_compat.plain_loader_options(loader))
 
 
 def load_vae(path: str):
