@@ -358,7 +358,8 @@ class Bench:
             "weights": args.weights, "files": self.files.all, "files_written": missing,
             "files_written_s": round(generated, 1), "dataset": self.dataset, "steps": args.steps,
             "warmup": args.warmup, "sample_every": args.sample_every, "save_every": args.save_every,
-            "prompts": list(SAMPLE_PROMPTS[:args.prompts]), "commit": git_commit(), "dop_class": DOP_CLASS,
+            "prompts": list(SAMPLE_PROMPTS[:args.prompts]), "commit": git_commit(), "comfyui": comfyui_version(),
+            "dop_class": DOP_CLASS,
             "optimizer": args.optimizer or "default",
             "server_cuda_malloc": not args.disable_cuda_malloc,
             "command": " ".join(sys.argv),
@@ -473,6 +474,14 @@ class Bench:
         document = {**self.header, "runs": self.runs}
         (self.args.out / f"{self.name}.json").write_text(json.dumps(document, indent=1))
         (self.args.out / f"{self.name}.md").write_text(table(self.runs, self.header) + "\n")
+
+
+def comfyui_version() -> str:
+    """The version of the host the runs use (COMFYUI_PATH or .comfyui/), as its comfyui_version.py says."""
+    from trainer_core.cli import find_comfyui
+
+    text = (find_comfyui() / "comfyui_version.py").read_text()
+    return re.search(r'__version__\s*=\s*"([^"]+)"', text).group(1)
 
 
 def git_commit() -> str:
@@ -942,7 +951,8 @@ def table(runs: list[dict], header: dict) -> str:
     lines = [
         f"{header.get('label', '')} ({header.get('weights', '')} weights), {header.get('steps', '')} steps, "
         f"previews every {header.get('sample_every', '')} and checkpoints every {header.get('save_every', '')}, "
-        f"{gpu.get('name', 'CPU')}, {header.get('date', '')}, commit {header.get('commit', '')}; steady = median "
+        f"{gpu.get('name', 'CPU')}, ComfyUI {header.get('comfyui', '')}, {header.get('date', '')}, "
+        f"commit {header.get('commit', '')}; steady = median "
         f"after step {header.get('warmup', '')}; peaks in GiB as loading / caching / training / sampling "
         "(~: sampled every 20 ms, the phase set no new overall peak)",
         "",

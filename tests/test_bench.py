@@ -2,10 +2,15 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
+import tarfile
 import time
+import zipfile
 from pathlib import Path
+
+import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -176,18 +181,38 @@ def test_the_real_run_bench_with_dop_runs_each_configuration_without_and_with_it
     assert f"- DOP, cli 8 GB: {dop:.3f} s/step against {plain:.3f} without: {dop - plain:+.3f} s per step" in table
 
 
-def test_the_real_run_bench_can_swap_the_optimizer_and_use_one_bucket(comfy_host: Path, tmp_path: Path) -> None:
-    """`--optimizer adamw --square` (what the default 8-bit optimizer and the aspect-ratio buckets cost a step):
-    the run's YAML names the optimizer, and every step comes from the one square bucket."""
-    work = tmp_path / "realrun"
-    command = [sys.executable, "bench/realrun.py", "--tiny", "--cpu", "--card-gb", "8", "--entry", "cli",
-               "--optimizer", "adamw", "--square", "--steps", "4", "--warmup", "1", "--sample-every", "4",
-               "--save-every", "4", "--work", str(work)]
+def test_the_device_queue_runs_a_line_once_across_calls_and_packs_its_results(comfy_host: Path,
+                                                                              tmp_path: Path) -> None:
+    """bench/device_queue.py as a GPU sitting runs it, here on realrun's CPU configuration, with the line
+    `--optimizer adamw --square` (what the default 8-bit optimizer and the aspect-ratio buckets cost a step). The
+    first call runs the line and packs its results; the second, on the same state as on a warm machine, skips it
+    and leaves the line it has no time for."""
+    line = ("tiny-adamw-square: --tiny --cpu --card-gb 8 --entry cli --optimizer adamw --square --steps 4 "
+            "--warmup 1 --sample-every 4 --save-every 4 --min-run-seconds 1")
+    sitting = tmp_path / "sitting.txt"
+    sitting.write_text(f"# the sitting's queue\n{line}\n")
+    longer = tmp_path / "longer.txt"
+    longer.write_text("tiny-long: --tiny --cpu --card-gb 8 --entry cli --min-run-seconds 900  # more than the budget\n")
     environment = os.environ | {"COMFYUI_PATH": str(comfy_host), "OMP_NUM_THREADS": "1"}
-    finished = subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=1200)
-    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
 
-    document = json.loads((work / "results" / "realrun-tiny-8gb-cli-adamw-square.json").read_text())
+    def call(out: Path, *queues: Path) -> str:
+        command = [sys.executable, "bench/device_queue.py", *map(str, queues), "--budget", "600", "--lanes", "1",
+                   "--out", str(out), "--state", str(tmp_path / "state"), "--wheels", str(tmp_path / "no-wheels")]
+        finished = subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True,
+                                  timeout=1200)
+        assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+        return finished.stdout
+
+    first = call(tmp_path / "out1", sitting)
+    assert "tiny-adamw-square: done, rc=0" in first
+    (archive,) = (tmp_path / "out1").glob("queue-*.tgz")
+    with tarfile.open(archive) as packed:
+        packed.extractall(tmp_path / "unpacked", filter="data")
+    results = tmp_path / "unpacked" / "tiny-adamw-square"
+    document = json.loads((results / "realrun-tiny-8gb-cli-adamw-square.json").read_text())
+    host_version = (comfy_host / "comfyui_version.py").read_text().split('"')[1]
+    assert document["comfyui"] == host_version
+    assert f"ComfyUI {host_version}" in (results / "realrun-tiny-8gb-cli-adamw-square.md").read_text()
     assert document["optimizer"] == "adamw"
     assert len(document["dataset"]["buckets"]) == 1 and document["dataset"]["images"] == 9
     run = document["runs"][0]
@@ -195,6 +220,80 @@ def test_the_real_run_bench_can_swap_the_optimizer_and_use_one_bucket(comfy_host
     assert json.loads((Path(run["run_dir"]) / "config.yaml").read_text())["train"]["optimizer"] == "adamw"
     assert run["buckets"] == ["128x128"]
     assert len(run["steps"]) == 4
+    assert "tiny-adamw-square: done, rc=0" in (results.parent / next(
+        name for name in os.listdir(results.parent) if name.startswith("timeline-"))).read_text()
+
+    second = call(tmp_path / "out2", sitting, longer)
+    assert "tiny-adamw-square: done in an earlier call" in second
+    assert re.search(r"tiny-long: not started, \d+ s left", second)
+    (archive,) = (tmp_path / "out2").glob("queue-*.tgz")
+    with tarfile.open(archive) as packed:
+        assert [name for name in packed.getnames() if not name.startswith("timeline-")] == []
+
+
+def test_the_device_queue_refuses_a_line_it_cannot_run_before_any_gpu_time(tmp_path: Path) -> None:
+    """A queue's mistakes are found when it is read, each naming its file and line; queues sharing a GPU take
+    turns so that each keeps its order."""
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    import device_queue
+
+    def planned(*texts: str, lanes: int = 1) -> list[list[str]]:
+        queues = []
+        for index, text in enumerate(texts):
+            (tmp_path / f"q{index}.txt").write_text(text)
+            queues.append(device_queue.read_queue(tmp_path / f"q{index}.txt"))
+        return [[line.name for line in lane] for lane in device_queue.plan_lanes(queues, lanes)]
+
+    a = "a1: --model flux --card-gb 16\na2: --model sdxl --card-gb 8\na3: --model sd35m\n"
+    b = "b1: --model sd35l --entry node\n"
+    assert planned(a, b) == [["a1", "b1", "a2", "a3"]]
+    assert planned(a, b, lanes=2) == [["a1", "a2", "a3"], ["b1"]]
+    mistakes = {
+        "--model flux --card-gb 16\n": "q0.txt:1: expected `name: realrun.py arguments`",
+        "a1: --model flux\n\n# note\na1: --model sdxl\n": "q0.txt:4: the name 'a1' is also used at",
+        "a1: --model flux --time-limit 100\n": "q0.txt:1: --time-limit is set by the queue",
+        "a1: --model flux --card-gb sixteen\n": "q0.txt:1: realrun.py does not take these arguments",
+        "a1: --model flux --entry cli --disable-cuda-malloc\n": "q0.txt:1: realrun.py does not take these arguments",
+    }
+    for text, message in mistakes.items():
+        with pytest.raises(ValueError, match=re.escape(message)):
+            planned(text)
+
+
+def test_the_device_queue_installs_the_carried_wheels_once_into_its_own_folder(tmp_path: Path) -> None:
+    """The device has no network: .device/whl's wheels go into the state's site folder (for the lines'
+    PYTHONPATH) with pip offline, once per machine, and again when the wheels change."""
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    import device_queue
+
+    wheels, state = tmp_path / "whl", tmp_path / "state"
+    wheels.mkdir()
+    state.mkdir()
+
+    def build_wheel(name: str) -> None:
+        files = {f"{name}.py": "ANSWER = 42\n",
+                 f"{name}-1.0.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n",
+                 f"{name}-1.0.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                               "Tag: py3-none-any\n"}
+        record = f"{name}-1.0.dist-info/RECORD"
+        files[record] = "".join(f"{path},,\n" for path in [*files, record])
+        with zipfile.ZipFile(wheels / f"{name}-1.0-py3-none-any.whl", "w") as wheel:
+            for path, text in files.items():
+                wheel.writestr(path, text)
+
+    assert device_queue.install_wheels(wheels, state) is None  # nothing carried: nothing to put on the path
+    build_wheel("carried_one")
+    site = device_queue.install_wheels(wheels, state)
+    probe = [sys.executable, "-c", "import carried_one; print(carried_one.ANSWER)"]
+    answer = subprocess.run(probe, env=os.environ | {"PYTHONPATH": site}, capture_output=True, text=True)
+    assert answer.stdout.strip() == "42", answer.stderr
+
+    (Path(site) / "carried_one.py").unlink()  # a second call on the same machine installs nothing
+    assert device_queue.install_wheels(wheels, state) == site
+    assert not (Path(site) / "carried_one.py").exists()
+    build_wheel("carried_two")  # other wheels: installed again
+    device_queue.install_wheels(wheels, state)
+    assert (Path(site) / "carried_one.py").is_file() and (Path(site) / "carried_two.py").is_file()
 
 
 def test_the_real_run_bench_can_start_the_server_with_the_native_allocator(comfy_host: Path, tmp_path: Path) -> None:
