@@ -9,10 +9,10 @@ A queue file holds one realrun.py call per line, named: `flux-cli-16: --model fl
 - Lanes: one per GPU (nvidia-smi -L; `--lanes` to choose), each running its queues' lines in order with
   CUDA_VISIBLE_DEVICES set to its GPU and a work folder of its own (its model files are written once and reused
   by its later lines). With more queues than GPUs, queues share lanes in turn.
-- Time: a line starts only with at least its own `--min-run-seconds` (else `--min-seconds`) of `--budget` left,
-  and is given the rest as realrun's `--time-limit`, so every line has ended before the results are packed;
-  `--budget` is the device call's limit less the time to pack and send. A line that cannot start leaves room for
-  a shorter one after it.
+- Time: a line starts only with at least its realrun `--min-run-seconds` (default 60) of `--budget` left after a
+  30 s margin, and is given that rest as realrun's `--time-limit`; a line still running at the end of the budget
+  is stopped, so the results are packed within the budget and 20 s. `--budget` is the device call's limit less
+  the time to pack and send. A line that cannot start leaves room for a shorter one after it.
 - State (`--state`, in /tmp: it lasts as long as the machine stays warm): a line whose runs all ended (trained,
   did not fit or failed) is done and skipped by later calls; a line stopped by the time limit runs again.
 - Host: COMFYUI_PATH, else the host scripts/prepare_device.sh put in .device/comfyui; the wheels it put in
@@ -27,6 +27,7 @@ import datetime
 import itertools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -42,6 +43,9 @@ REPO = Path(__file__).resolve().parents[1]
 DEVICE = REPO / ".device"
 UNFINISHED = {"timed out", "not run"}
 SET_BY_THE_QUEUE = {"--work", "--out", "--time-limit"}
+NAME = re.compile(r"[A-Za-z0-9][\w.-]*")  # a folder name: never "..", never a path
+# realrun.py is given this much less than what is left: for its start, and for stopping its run at its limit
+# (SIGINT, then up to 20 s). The queue itself stops a line at the end of the budget.
 EXIT_MARGIN_SECONDS = 30
 
 
@@ -51,11 +55,9 @@ class Line:
     arguments: list[str]
     source: str
 
-    def least_seconds(self, default: float) -> float:
-        """What the line needs at least to be worth starting: its realrun `--min-run-seconds`, else `default`."""
-        if "--min-run-seconds" in self.arguments[:-1]:
-            return float(self.arguments[self.arguments.index("--min-run-seconds") + 1])
-        return default
+    def least_seconds(self) -> float:
+        """What the line needs at least to be worth starting: its realrun `--min-run-seconds` (default 60)."""
+        return realrun.parse_args(self.arguments).min_run_seconds
 
 
 def read_queue(path: Path) -> list[Line]:
@@ -65,9 +67,9 @@ def read_queue(path: Path) -> list[Line]:
         if not text:
             continue
         name, colon, arguments = text.partition(":")
-        if not colon or not name.strip() or any(c.isspace() or c == "/" for c in name.strip()):
-            raise ValueError(f"{path}:{number}: expected `name: realrun.py arguments` (a name without spaces or "
-                             f"slashes), got {text!r}")
+        if not colon or not NAME.fullmatch(name.strip()):
+            raise ValueError(f"{path}:{number}: expected `name: realrun.py arguments` (a name of letters, digits, "
+                             f"'.', '_' and '-' that starts with a letter or digit), got {text!r}")
         lines.append(Line(name.strip(), arguments.split(), f"{path}:{number}"))
     return lines
 
@@ -136,6 +138,7 @@ class Queue:
         self.stamp = datetime.datetime.now().strftime("%H%M%S")
         self.ran: list[str] = []
         self.timelines: list[Path] = []
+        self.failed = False
         self.lock = threading.Lock()
 
     def remaining(self) -> float:
@@ -149,57 +152,66 @@ class Queue:
                 file.write(stamped + "\n")
 
     def run_lane(self, index: int, lane: list[Line], environment: dict) -> None:
-        state = self.args.state
-        timeline = state / f"timeline-{self.stamp}-lane{index}.txt"
-        self.timelines.append(timeline)
-        work = state / f"lane{index}"
+        timeline = self.args.state / f"timeline-{self.stamp}-lane{index}.txt"
+        with self.lock:
+            self.timelines.append(timeline)
         for line in lane:
-            if (state / "done" / line.name).is_file():
-                self.note(timeline, f"{line.name}: done in an earlier call")
-                continue
-            left = self.remaining()
-            if left < line.least_seconds(self.args.min_seconds):
-                self.note(timeline, f"{line.name}: not started, {left:.0f} s left")
-                continue
-            results = state / "results" / line.name
-            shutil.rmtree(results, ignore_errors=True)
-            results.mkdir(parents=True)
-            command = [sys.executable, str(REPO / "bench" / "realrun.py"), *line.arguments, "--work", str(work),
-                       "--out", str(results), "--time-limit", f"{left:.0f}"]
-            self.note(timeline, f"{line.name}: start on lane {index} ({left:.0f} s left)")
-            with (results / "realrun-call.log").open("wb") as log:
-                process = subprocess.Popen(command, cwd=REPO, env=environment, stdout=log, stderr=subprocess.STDOUT,
-                                           stdin=subprocess.DEVNULL, start_new_session=True)
-                # realrun.py ends its runs at --time-limit itself; the margin is for its own exit.
-                stopped = realrun.wait_or_stop(process, time.monotonic() + left + EXIT_MARGIN_SECONDS)
-            code = "stopped at the budget" if stopped else process.returncode
-            with self.lock:
-                self.ran.append(line.name)
-            if code == 0 and finished(results):
-                (state / "done").mkdir(exist_ok=True)
-                (state / "done" / line.name).write_text(f"{self.stamp}\n")
-                self.note(timeline, f"{line.name}: done, rc=0")
-            else:
-                self.note(timeline, f"{line.name}: not done, rc={code} (runs again next call)")
+            try:
+                self.run_line(index, line, environment, timeline)
+            except Exception as error:  # one line's trouble (a full disk, say) must not lose the other lines
+                self.failed = True
+                self.note(timeline, f"{line.name}: not done, {type(error).__name__}: {error}")
+
+    def run_line(self, index: int, line: Line, environment: dict, timeline: Path) -> None:
+        state = self.args.state
+        if (state / "done" / line.name).is_file():
+            self.note(timeline, f"{line.name}: done in an earlier call")
+            return
+        left = self.remaining() - EXIT_MARGIN_SECONDS
+        if left < line.least_seconds():
+            self.note(timeline, f"{line.name}: not started, {left:.0f} s left for it")
+            return
+        results = state / "results" / line.name
+        shutil.rmtree(results, ignore_errors=True)
+        results.mkdir(parents=True)
+        command = [sys.executable, str(REPO / "bench" / "realrun.py"), *line.arguments, "--work",
+                   str(state / f"lane{index}"), "--out", str(results), "--time-limit", f"{left:.0f}"]
+        self.note(timeline, f"{line.name}: start on lane {index} ({left:.0f} s for it)")
+        with self.lock:
+            self.ran.append(line.name)
+        with (results / "realrun-call.log").open("wb") as log:
+            process = subprocess.Popen(command, cwd=REPO, env=environment, stdout=log, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL, start_new_session=True)
+            stopped = realrun.wait_or_stop(process, self.started + self.args.budget)
+        code = "stopped at the budget" if stopped else process.returncode
+        if code == 0 and finished(results):
+            (state / "done").mkdir(exist_ok=True)
+            (state / "done" / line.name).write_text(f"{self.stamp}\n")
+            self.note(timeline, f"{line.name}: done, rc=0")
+        else:
+            self.note(timeline, f"{line.name}: not done, rc={code} (runs again next call)")
 
     def main(self, lanes: list[list[Line]]) -> int:
         args = self.args
         args.state.mkdir(parents=True, exist_ok=True)
-        base = dict(os.environ, PYTHONUNBUFFERED="1")
-        site = install_wheels(args.wheels, args.state)
-        if site is not None:
-            base["PYTHONPATH"] = os.pathsep.join(filter(None, [site, base.get("PYTHONPATH")]))
-        if "COMFYUI_PATH" not in base and (args.wheels.parent / "comfyui" / "comfy").is_dir():
-            base["COMFYUI_PATH"] = str(args.wheels.parent / "comfyui")
-        threads = [threading.Thread(target=self.run_lane, name=f"lane{index}",
-                                    args=(index, lane, base | {"CUDA_VISIBLE_DEVICES": str(index)}))
-                   for index, lane in enumerate(lanes)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        self.pack()
-        return 0
+        # CUDA numbers the GPUs as nvidia-smi does (realrun reads nvidia-smi for the GPU a lane uses).
+        base = dict(os.environ, PYTHONUNBUFFERED="1", CUDA_DEVICE_ORDER="PCI_BUS_ID")
+        try:
+            site = install_wheels(args.wheels, args.state)
+            if site is not None:
+                base["PYTHONPATH"] = os.pathsep.join(filter(None, [site, base.get("PYTHONPATH")]))
+            if "COMFYUI_PATH" not in base and (args.wheels.parent / "comfyui" / "comfy").is_dir():
+                base["COMFYUI_PATH"] = str(args.wheels.parent / "comfyui")
+            threads = [threading.Thread(target=self.run_lane, name=f"lane{index}",
+                                        args=(index, lane, base | {"CUDA_VISIBLE_DEVICES": str(index)}))
+                       for index, lane in enumerate(lanes)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        finally:
+            self.pack()
+        return 1 if self.failed else 0
 
     def pack(self) -> None:
         out, state = self.args.out, self.args.state
@@ -219,8 +231,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("queues", type=Path, nargs="+", help="queue files: `name: realrun.py arguments` per line")
     parser.add_argument("--budget", type=float, default=545.0,
                         help="seconds this call may run lines for (default 545 of a device call's 600)")
-    parser.add_argument("--min-seconds", type=float, default=60.0,
-                        help="start a line only with this much of the budget left (default 60)")
     parser.add_argument("--lanes", type=int, default=None, help="lines run side by side, one GPU each "
                         "(default: every GPU nvidia-smi lists)")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/lora-queue-out")),

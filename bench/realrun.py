@@ -406,7 +406,13 @@ class Bench:
         with log_path.open("wb") as log_file:
             process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT,
                                        stdin=subprocess.DEVNULL, start_new_session=True)
-            timed_out = wait_or_stop(process, deadline)
+            try:
+                timed_out = wait_or_stop(process, deadline)
+            except BaseException:
+                # Stopped from outside (the device queue's budget): the trainer is in a session of its own and
+                # would go on holding the GPU.
+                stop_group(process)
+                raise
         text = log_path.read_text(errors="replace")
         outcome = {"run_start": started, "run_end": time.monotonic(), "exit_code": process.returncode,
                    "log": str(log_path), "command": "lora-train " + " ".join(command[5:])}
@@ -433,8 +439,11 @@ class Bench:
                                   "message": server.failure() or f"no result; log: {server.log_path}"}
             return outcome | node_outcome(entry)
         except ServerError as error:
-            return {"run_start": time.monotonic(), "run_end": time.monotonic(), "status": "failed",
-                    "message": str(error), "log": str(server.log_path)} | failure_of(server.log_text(), str(error))
+            outcome = {"run_start": time.monotonic(), "run_end": time.monotonic(), "status": "failed",
+                       "message": str(error), "log": str(server.log_path)} | failure_of(server.log_text(), str(error))
+            if time.monotonic() >= deadline:
+                outcome["status"] = "timed out"  # the server had not started when the time ran out
+            return outcome
         finally:
             server.stop()
 

@@ -31,6 +31,8 @@ WHEELS_NO_DEPS=(bitsandbytes==0.50.2 torchsde==0.2.6 trampoline==0.1.2)
 # av's newest wheel is 35 MB; this one, which every supported host accepts, is what fits beside the rest.
 PINS=(av==18.1.0)
 # What the image has (KINDS.md), and what a headless server never imports (the frontend is served empty).
+# typing-extensions is carried although the image has one: pydantic asks for a newer one than it may be, and
+# the newer one serves the image's packages too.
 IMAGE_HAS=(torch torchvision torchaudio numpy einops transformers tokenizers sentencepiece safetensors aiohttp
     yarl pyyaml pillow scipy tqdm psutil filelock requests markupsafe cuda-pathfinder jinja2 networkx sympy mpmath
     fsspec)
@@ -66,7 +68,7 @@ mkdir -p "$OUT/comfyui/custom_nodes"
 
 # The host's requirements that the image lacks (with their specifiers), skipping comments and markers.
 host_wheels=()
-while read -r requirement; do
+while read -r requirement || [[ -n $requirement ]]; do
     name=$(sed -E 's/[<>=~!; \[].*//' <<<"$requirement" | tr 'A-Z_' 'a-z-')
     [[ -z $name ]] || listed "$name" "${IMAGE_HAS[@]}" "${NOT_NEEDED[@]}" && continue
     host_wheels+=("$requirement")

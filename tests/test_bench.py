@@ -7,6 +7,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import types
 import zipfile
 from pathlib import Path
 
@@ -250,6 +251,7 @@ def test_the_device_queue_refuses_a_line_it_cannot_run_before_any_gpu_time(tmp_p
     assert planned(a, b, lanes=2) == [["a1", "a2", "a3"], ["b1"]]
     mistakes = {
         "--model flux --card-gb 16\n": "q0.txt:1: expected `name: realrun.py arguments`",
+        "..: --model flux\n": "q0.txt:1: expected `name: realrun.py arguments`",
         "a1: --model flux\n\n# note\na1: --model sdxl\n": "q0.txt:4: the name 'a1' is also used at",
         "a1: --model flux --time-limit 100\n": "q0.txt:1: --time-limit is set by the queue",
         "a1: --model flux --card-gb sixteen\n": "q0.txt:1: realrun.py does not take these arguments",
@@ -258,6 +260,37 @@ def test_the_device_queue_refuses_a_line_it_cannot_run_before_any_gpu_time(tmp_p
     for text, message in mistakes.items():
         with pytest.raises(ValueError, match=re.escape(message)):
             planned(text)
+
+
+def test_the_device_queue_runs_again_a_line_the_time_limit_cut_short(comfy_host: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A line is done once each of its runs ended by itself (trained, did not fit, failed); a run the time limit
+    stopped or never started makes the next call run the line again. A node run whose ComfyUI server had not
+    answered when the time ran out is such a run, not a failure."""
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    import device_queue
+    import realrun
+
+    def results(*statuses: str) -> Path:
+        folder = tmp_path / "-".join(statuses or ("none",))
+        folder.mkdir()
+        runs = [{"status": status} for status in statuses]
+        (folder / "realrun-sdxl-8gb-cli.json").write_text(json.dumps({"runs": runs}))
+        return folder
+
+    assert device_queue.finished(results("ok", "did not fit", "failed"))
+    assert not device_queue.finished(results("ok", "timed out"))
+    assert not device_queue.finished(results("not run"))
+    assert not device_queue.finished(results())
+    assert not device_queue.finished(tmp_path / "no-results")
+
+    monkeypatch.setenv("COMFYUI_PATH", str(comfy_host))
+    bench = types.SimpleNamespace(args=types.SimpleNamespace(cpu=True, models=tmp_path / "models",
+                                                             disable_cuda_malloc=False))
+    environment = os.environ | {"COMFYUI_PATH": str(comfy_host), "OMP_NUM_THREADS": "1"}
+    outcome = realrun.Bench.run_node(bench, tmp_path / "run", environment, deadline=time.monotonic(), dop=False)
+    assert outcome["status"] == "timed out", outcome
+    assert "did not answer before the time limit" in outcome["message"]
 
 
 def test_the_device_queue_installs_the_carried_wheels_once_into_its_own_folder(tmp_path: Path) -> None:
