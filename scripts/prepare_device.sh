@@ -37,7 +37,7 @@ IMAGE_HAS=(torch torchvision torchaudio numpy einops transformers tokenizers sen
     yarl pyyaml pillow scipy tqdm psutil filelock requests markupsafe cuda-pathfinder jinja2 networkx sympy mpmath
     fsspec)
 NOT_NEEDED=(comfyui-frontend-package comfyui-workflow-templates comfyui-embedded-docs kornia spandrel
-    pydantic-settings pyopengl comfy-angle torchsde)
+    pydantic-settings pyopengl comfy-angle)
 listed() {  # listed NAME ITEM...: whether NAME is one of the items
     local name=$1 item
     shift
@@ -70,7 +70,7 @@ mkdir -p "$OUT/comfyui/custom_nodes"
 host_wheels=()
 while read -r requirement || [[ -n $requirement ]]; do
     name=$(sed -E 's/[<>=~!; \[].*//' <<<"$requirement" | tr 'A-Z_' 'a-z-')
-    [[ -z $name ]] || listed "$name" "${IMAGE_HAS[@]}" "${NOT_NEEDED[@]}" && continue
+    [[ -z $name ]] || listed "$name" "${IMAGE_HAS[@]}" "${NOT_NEEDED[@]}" "${WHEELS_NO_DEPS[@]%%==*}" && continue
     host_wheels+=("$requirement")
 done < <(sed -E 's/#.*//; s/[[:space:]]+$//' "$HOST/requirements.txt")
 echo "wheels: ${WHEELS_NO_DEPS[*]} ${PINS[*]} ${host_wheels[*]} (with their dependencies)"
