@@ -449,7 +449,9 @@ def main(argv=None) -> int:
 
     started = time.perf_counter()
     rate = matmul_rate(device, 256 if args.smoke else 8192)
-    version = (host / "comfyui_version.py").read_text().split('"')[1]
+    from trainer_core.cli import comfyui_version
+
+    version = comfyui_version(host)
     header = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

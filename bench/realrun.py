@@ -73,6 +73,7 @@ for folder in (BENCH, REPO):
 
 import realrun_files  # noqa: E402
 
+from trainer_core.cli import comfyui_version, find_comfyui  # noqa: E402
 from trainer_core.config import OPTIMIZERS  # noqa: E402
 
 log = logging.getLogger("realrun")
@@ -358,8 +359,8 @@ class Bench:
             "weights": args.weights, "files": self.files.all, "files_written": missing,
             "files_written_s": round(generated, 1), "dataset": self.dataset, "steps": args.steps,
             "warmup": args.warmup, "sample_every": args.sample_every, "save_every": args.save_every,
-            "prompts": list(SAMPLE_PROMPTS[:args.prompts]), "commit": git_commit(), "comfyui": comfyui_version(),
-            "dop_class": DOP_CLASS,
+            "prompts": list(SAMPLE_PROMPTS[:args.prompts]), "commit": git_commit(),
+            "comfyui": comfyui_version(find_comfyui()), "dop_class": DOP_CLASS,
             "optimizer": args.optimizer or "default",
             "server_cuda_malloc": not args.disable_cuda_malloc,
             "command": " ".join(sys.argv),
@@ -406,13 +407,7 @@ class Bench:
         with log_path.open("wb") as log_file:
             process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT,
                                        stdin=subprocess.DEVNULL, start_new_session=True)
-            try:
-                timed_out = wait_or_stop(process, deadline)
-            except BaseException:
-                # Stopped from outside (the device queue's budget): the trainer is in a session of its own and
-                # would go on holding the GPU.
-                stop_group(process)
-                raise
+            timed_out = wait_or_stop(process, deadline)
         text = log_path.read_text(errors="replace")
         outcome = {"run_start": started, "run_end": time.monotonic(), "exit_code": process.returncode,
                    "log": str(log_path), "command": "lora-train " + " ".join(command[5:])}
@@ -485,14 +480,6 @@ class Bench:
         (self.args.out / f"{self.name}.md").write_text(table(self.runs, self.header) + "\n")
 
 
-def comfyui_version() -> str:
-    """The version of the host the runs use (COMFYUI_PATH or .comfyui/), as its comfyui_version.py says."""
-    from trainer_core.cli import find_comfyui
-
-    text = (find_comfyui() / "comfyui_version.py").read_text()
-    return re.search(r'__version__\s*=\s*"([^"]+)"', text).group(1)
-
-
 def git_commit() -> str:
     """HEAD, marked "-dirty" where the working tree differs from it: the device tool's copy of the tree carries
     the session's first commit in its git data, so a bare hash there names code that did not run."""
@@ -504,13 +491,18 @@ def git_commit() -> str:
 
 
 def wait_or_stop(process: subprocess.Popen, deadline: float) -> bool:
-    """Waits for the process until `deadline`; then stops it and its children. Returns whether it was stopped."""
+    """Waits for the process until `deadline`; then stops it and its children. Returns whether it was stopped.
+    Stopped itself while it waits (Ctrl-C, the device queue's budget), it stops them too: they run in a session
+    of their own and would outlive it, holding the GPU."""
     try:
         process.wait(timeout=max(1.0, deadline - time.monotonic()))
         return False
     except subprocess.TimeoutExpired:
         stop_group(process)
         return True
+    except BaseException:
+        stop_group(process)
+        raise
 
 
 def stop_group(process: subprocess.Popen, first=signal.SIGINT, patience: float = 20.0) -> None:
@@ -671,10 +663,6 @@ class ComfyServer:
     input/output/temp/user folders under `root`, the model folders of `models`, and this pack as a custom node."""
 
     def __init__(self, root: Path, models: Path, env: dict, cpu: bool, extra_args: tuple[str, ...] = ()):
-        if str(REPO) not in sys.path:
-            sys.path.append(str(REPO))
-        from trainer_core.cli import find_comfyui
-
         self.host = find_comfyui()
         self.root, self.models, self.env, self.cpu = root, models, env, cpu
         self.extra_args = extra_args

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tarfile
@@ -291,6 +292,32 @@ def test_the_device_queue_runs_again_a_line_the_time_limit_cut_short(comfy_host:
     outcome = realrun.Bench.run_node(bench, tmp_path / "run", environment, deadline=time.monotonic(), dop=False)
     assert outcome["status"] == "timed out", outcome
     assert "did not answer before the time limit" in outcome["message"]
+
+
+def test_a_bench_stopped_while_it_waits_for_a_run_stops_the_run_too(tmp_path: Path) -> None:
+    """The runs (lora-train, the ComfyUI server) are in sessions of their own; a bench stopped while it waits
+    for one (Ctrl-C, the device queue's budget) must not leave it running on the GPU."""
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    import realrun
+
+    run = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 0.5)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            realrun.wait_or_stop(run, time.monotonic() + 600)
+        outlived_the_bench = run.poll() is None
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        if run.poll() is None:
+            run.kill()
+    assert not outlived_the_bench
+    assert run.returncode == -signal.SIGINT  # stopped as the bench stops a run: SIGINT first
 
 
 def test_the_device_queue_installs_the_carried_wheels_once_into_its_own_folder(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ Exit codes: 0 trained, 1 training failed, 2 the config is wrong, 130 interrupted
 import argparse
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -38,6 +39,11 @@ def find_comfyui() -> Path:
     raise FileNotFoundError(
         f"no ComfyUI found (looked in {', '.join(map(str, candidates))}): set COMFYUI_PATH to a ComfyUI folder"
     )
+
+
+def comfyui_version(host: Path) -> str:
+    """The host's version, as its comfyui_version.py gives it ("0.3.75")."""
+    return re.search(r'__version__\s*=\s*"([^"]+)"', (host / "comfyui_version.py").read_text()).group(1)
 
 
 def import_comfyui(cpu: bool, lowvram: bool = False, novram: bool = False, reserve_vram: float | None = None,
