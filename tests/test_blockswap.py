@@ -42,6 +42,7 @@ from trainer_core.blockswap import (
     bytes_on_device,
     fewest_blocks_that_fit,
     swapped_indices,
+    tensor_bytes,
 )
 from trainer_core.config import ConfigError, LoraConfig
 from trainer_core.families import family_for
@@ -509,6 +510,51 @@ def test_auto_reads_the_free_memory_says_how_many_it_swaps_and_the_run_reports_i
     # Where nothing is swapped the model stays as ComfyUI loaded it; where blocks are, it leaves the card
     # before they are stored away and after the run.
     assert len(unloads) == (0 if expected == 0 else 2)
+
+
+def test_under_cuda_malloc_async_auto_plans_the_pools_memory_and_swaps_more(monkeypatch, caplog):
+    """A ComfyUI server allocates through cudaMallocAsync, whose pool kept up to twice a step's activations beyond
+    the live memory on the GPU (the node ran out of memory at the eager estimate): there `auto` counts the
+    activations twice even though the steps are not recorded. Here (no GPU) the allocator is said to be
+    cudaMallocAsync, and the free memory is set between what the eager estimate needs with nothing swapped and
+    what the pooled one needs."""
+    estimates = []
+    estimate_step = blockswap.estimate_step
+    monkeypatch.setattr(trainer_core.trainer, "estimate_step",
+                        lambda *args, **kwargs: estimates.append(estimate_step(*args, **kwargs)) or estimates[-1])
+    # What the run counts as available: the free memory and what ComfyUI has of the model on the device. The
+    # free memory is set so that the sum is `available`.
+    available = {"bytes": 1 << 40}
+    patchers = []
+    monkeypatch.setattr(trainer_core.trainer, "device_memory_available",
+                        lambda device: available["bytes"] - patchers[-1].loaded_size())
+
+    def swapped(allocator_is_async: bool) -> int:
+        monkeypatch.setattr(trainer_core.trainer, "under_cuda_malloc_async", lambda device: allocator_is_async)
+        patcher = deep_flux()
+        patchers.append(patcher)
+        trainer = Trainer(patcher, fixed_samples(patcher), LoraConfig(rank=4),
+                          train_config(steps=1, gradient_checkpointing=True, blocks_to_swap=-1))
+        estimates.clear()
+        with TrainingJob(trainer) as job:
+            list(job.events())
+        job.result()
+        return trainer.blocks_swapped
+
+    assert swapped(False) == 0
+    eager = estimates[-1]
+    blocks = [tensor_bytes(b) for b in blocks_of(deep_flux(), train_config(gradient_checkpointing=True))]
+    # The eager step with every block on the card, and half its activations more: fits the eager estimate
+    # (margin included), not the pooled one.
+    needed = eager.fixed + sum(blocks) + eager.activations // 2
+    available["bytes"] = int((needed + blockswap.MARGIN_BYTES) / (1 - blockswap.MARGIN_SHARE))
+    assert swapped(False) == 0
+    with caplog.at_level(logging.INFO, logger="trainer_core.blockswap"):
+        count = swapped(True)
+    pooled = estimates[-1]
+    assert pooled.activations == 2 * eager.activations
+    assert count == fewest_blocks_that_fit(blocks, pooled) > 0
+    assert f"block swap (auto): {count} of {len(blocks)} blocks" in caplog.text
 
 
 def test_wrong_settings_are_named():

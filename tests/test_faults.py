@@ -30,6 +30,7 @@ from test_export import CancelAt, samples, train_config, weights_of
 from test_graph import run, tiny_loader, trainer_events, training_graph, unique
 from tiny_models import MODEL_FACTORIES
 
+import trainer_core.job
 from trainer_core import export, headless
 from trainer_core.config import ConfigError, LoraConfig, SaveConfig, TrainConfig
 from trainer_core.job import JobHook, TrainingFailed, TrainingJob
@@ -516,8 +517,12 @@ def job_with_a_preview_out_of_memory(save: SaveConfig) -> TrainingJob:
     return TrainingJob(trainer, [export.CheckpointHook(save), PreviewOutOfMemory()])
 
 
-def test_out_of_memory_in_a_preview_says_so_and_saves_the_step_before_it(tmp_path):
-    """The message places the error after step 2, not in step 3, and step 2 is saved."""
+@pytest.mark.parametrize("allocator_is_async", [False, True])
+def test_out_of_memory_in_a_preview_says_so_and_saves_the_step_before_it(tmp_path, monkeypatch, allocator_is_async):
+    """The message places the error after step 2, not in step 3, and step 2 is saved. Where the run allocates
+    through cudaMallocAsync (a ComfyUI server's default; said so here, there is no GPU) it also names ComfyUI's
+    --disable-cuda-malloc, and only there."""
+    monkeypatch.setattr(trainer_core.job, "under_cuda_malloc_async", lambda device: allocator_is_async)
     save = SaveConfig(name="oom-preview", output_dir=str(tmp_path))
     job = job_with_a_preview_out_of_memory(save)
     with job:
@@ -526,6 +531,8 @@ def test_out_of_memory_in_a_preview_says_so_and_saves_the_step_before_it(tmp_pat
     assert events[-1].kind == "error"
     assert message.startswith("out of memory while previewing or saving after step 2 (CUDA out of memory.")
     assert f"the last whole step, 2, is saved in {export.checkpoints_folder(save) / 'step-000002'}" in message
+    assert ("or start ComfyUI with --disable-cuda-malloc" in message) == allocator_is_async
+    assert message.endswith(", then resume from that checkpoint")
     assert_loads(export.checkpoints_folder(save) / "step-000002", 2)
 
 

@@ -22,13 +22,18 @@ import torch
 log = logging.getLogger(__name__)
 
 
+def under_cuda_malloc_async(device: torch.device) -> bool:
+    """Whether `device` allocates through PyTorch's cudaMallocAsync backend, which a ComfyUI server turns on
+    unless started with `--disable-cuda-malloc` (`lora-train` runs PyTorch's own caching allocator)."""
+    return device.type == "cuda" and torch.cuda.get_allocator_backend() == "cudaMallocAsync"
+
+
 def records_on(device: torch.device) -> bool:
     """Whether steps on `device` can be recorded: on CUDA, under PyTorch's own caching allocator. Under
-    cudaMallocAsync, which a ComfyUI server turns on unless started with `--disable-cuda-malloc`, freeing the
-    memory of a recording that failed raises inside a destructor and aborts the process: on the H200 a
-    swapped step's recording ("invalid argument") and a re-recording out of memory each took the whole
-    ComfyUI server down (bench/NOTES.md §14)."""
-    return device.type == "cuda" and torch.cuda.get_allocator_backend() != "cudaMallocAsync"
+    cudaMallocAsync freeing the memory of a recording that failed raises inside a destructor and aborts the
+    process: on the H200 a swapped step's recording ("invalid argument") and a re-recording out of memory
+    each took the whole ComfyUI server down (bench/NOTES.md §14)."""
+    return device.type == "cuda" and not under_cuda_malloc_async(device)
 
 
 def _signature(tensors: list[torch.Tensor]) -> tuple:

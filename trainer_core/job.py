@@ -19,6 +19,7 @@ import comfy.model_management
 import torch
 
 from . import comfy_compat
+from .graphs import under_cuda_malloc_async
 from .lora import LoraNetwork
 from .trainer import StepReport, Trainer
 
@@ -68,6 +69,10 @@ MEMORY_SETTINGS = (
     "lower batch_size or the dataset's resolution",
     "make the previews smaller (sample_size / sample.width and sample.height)",
 )
+# Where the run allocates through cudaMallocAsync (a ComfyUI server's default), whose pool keeps freed memory in the
+# sizes it was carved (bench/NOTES.md §15).
+ASYNC_ALLOCATOR_SETTING = ("start ComfyUI with --disable-cuda-malloc (its default allocator, cudaMallocAsync, holds "
+                           "memory the steps freed in sizes later steps cannot always reuse)")
 
 
 class TrainingJob:
@@ -193,7 +198,10 @@ class TrainingJob:
         kept = (f"the last whole step, {step}, is saved in {folder}" if saved
                 else f"the run stopped at step {step}, and no checkpoint was saved")
         where = f"while previewing or saving after step {step}" if self._hooks_running else f"in step {step + 1}"
-        return (f"out of memory {where} ({error}); {kept}. To fit, " + "; or ".join(MEMORY_SETTINGS)
+        settings = list(MEMORY_SETTINGS)
+        if under_cuda_malloc_async(self.trainer.device):
+            settings.append(ASYNC_ALLOCATOR_SETTING)
+        return (f"out of memory {where} ({error}); {kept}. To fit, " + "; or ".join(settings)
                 + (", then resume from that checkpoint" if saved else ""))
 
     def _between_steps(self, trainer: Trainer, reports: list[StepReport]) -> bool:

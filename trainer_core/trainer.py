@@ -27,7 +27,7 @@ from .comfy_compat import device_memory_available
 from .config import BLOCKS_TO_SWAP_AUTO, ConfigError, LoraConfig, TrainConfig
 from .ema import LoraEma
 from .families import family_for
-from .graphs import GraphedSteps, records_on
+from .graphs import GraphedSteps, records_on, under_cuda_malloc_async
 from .lora import LoraNetwork
 from .loraplus import LR_RATIO, parameter_groups
 from .objective import masked, preservation_loss, split_terms
@@ -358,13 +358,14 @@ class Trainer:
                            for t in c.values() if t.ndim == 2), default=0)
         available = device_memory_available(self.device) + self.patcher.loaded_size()
 
-        def estimate(graphed: bool):
+        def estimate(pooled: bool):
             return estimate_step(self.family.diffusion_model, blocks, sum(p.numel() for p in self.network.parameters()),
                                  self.config.optimizer, batch_shape, text_tokens, self.family.compute_dtype(),
-                                 available, graphed=graphed)
+                                 available, pooled=pooled)
 
         count, self._graphs_fit = chosen_swap_plan([tensor_bytes(b) for b in blocks],
-                                                   estimate(True) if self.uses_cuda_graphs else None, estimate(False),
+                                                   estimate(True) if self.uses_cuda_graphs else None,
+                                                   estimate(under_cuda_malloc_async(self.device)),
                                                    f"batch {tuple(batch_shape)}")
         return count
 
