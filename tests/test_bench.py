@@ -261,6 +261,12 @@ def test_the_device_queue_refuses_a_line_it_cannot_run_before_any_gpu_time(tmp_p
     for text, message in mistakes.items():
         with pytest.raises(ValueError, match=re.escape(message)):
             planned(text)
+    # The repository's queues, which the next GPU sitting runs as they are.
+    shipped = [device_queue.read_queue(path) for path in sorted((REPO_ROOT / "bench" / "queues").glob("*.txt"))]
+    assert len(shipped) == 2 and all(shipped)
+    for lane in device_queue.plan_lanes(shipped, 1):
+        for line in lane:
+            device_queue.check_line(line)
 
 
 def test_the_device_queue_runs_again_a_line_the_time_limit_cut_short(comfy_host: Path, tmp_path: Path,
