@@ -57,6 +57,8 @@ class RunRecord:
         self.save_requested = False
         # Between "started" and the first step of a run whose blocks compile (minutes).
         self.compiling = False
+        # What the run says for its whole length (steps held back from CUDA graphs by ComfyUI's allocator); "".
+        self.notice = ""
         # Events arrive on the node's thread, status requests on the server's.
         self._lock = threading.Lock()
 
@@ -71,6 +73,7 @@ class RunRecord:
         if kind == "started":
             self.step = data["step"]
             self.compiling = data["compiling"]
+            self.notice = data["notice"]
         elif kind == "step":
             self.compiling = False
             self.step = data["step"]
@@ -104,7 +107,7 @@ class RunRecord:
                 "step": self.step, "total_steps": self.total_steps, "started_at": self.started_at,
                 "history": self.loss_history(), **self.rates,
                 "samples": list(self.samples), "saves": list(self.saves), "error": self.error,
-                "save_requested": self.save_requested, "compiling": self.compiling,
+                "save_requested": self.save_requested, "compiling": self.compiling, "notice": self.notice,
             }
 
     def loss_history(self) -> dict:

@@ -26,6 +26,8 @@ from graph_data import write_dataset
 from live_server import ComfyServer, ComfyServerError
 from test_server import PACK_MODULE, import_pack
 
+from trainer_core.trainer import ALLOCATOR_NOTICE
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FLUX_EXAMPLE = REPO_ROOT / "example_workflows" / "train_flux_lora.json"
 TIMEOUT_MS = 240_000
@@ -65,7 +67,7 @@ def test_a_run_record_keeps_what_a_reloaded_page_needs(live_runs, tmp_path: Path
     run = live_runs.RunRecord("7", "my_lora", 10, job=None, output_dir=output, checkpoint_hook=None)
     sample_file = output / "my_lora" / "samples" / "step000002_00.png"
 
-    sent = [run.record(event("started", step=0, total_steps=10, compiling=True))]
+    sent = [run.record(event("started", step=0, total_steps=10, compiling=True, notice="steps run without graphs"))]
     assert run.snapshot()["compiling"] and run.snapshot()["status"] == "running"
     sent += [run.record(step_event(1, 0.5)), run.record(step_event(2, 0.25))]
     sent.append(run.record(event("sample", step=2, images=torch.zeros(1, 8, 8, 3), files=[str(sample_file)],
@@ -81,6 +83,8 @@ def test_a_run_record_keeps_what_a_reloaded_page_needs(live_runs, tmp_path: Path
                                    "validation": {"step": [], "loss": []}}
     assert (snapshot["step"], snapshot["total_steps"], snapshot["status"]) == (2, 10, "stopped")
     assert (snapshot["images_per_second"], snapshot["eta_seconds"], snapshot["compiling"]) == (2.0, 3.0, False)
+    # The notice holds for the whole run, after its steps and its end too.
+    assert snapshot["notice"] == "steps run without graphs"
     assert snapshot["samples"] == [{"step": 2, "prompt": "a cat", "image": {
         "filename": "step000002_00.png", "subfolder": "my_lora/samples", "type": "output"}}]
     assert snapshot["saves"] == [{"kind": "checkpoint", "step": 2}]
@@ -310,6 +314,15 @@ def test_the_panel_follows_a_flux_run_reloads_stops_and_resumes(comfy_server: Co
         assert peak_cell.is_visible() and peak_cell.inner_text().split() == ["peak", "VRAM", "6.50", "GiB"]
         assert panel_data(page)["blocksSwapped"] == "16"
         assert swapped_cell.is_visible() and swapped_cell.inner_text().split() == ["blocks", "swapped", "16"]
+        # A run whose steps ComfyUI's default allocator (cudaMallocAsync) keeps from CUDA graphs says so for its
+        # whole length; this server's runs are on the CPU, so the page is handed such a run's start.
+        notice_line = page.locator(f"{PANEL} .lora-notice")
+        assert finished["notice"] == "" and notice_line.is_hidden(), "a run with its steps recorded says nothing"
+        page.evaluate("(detail) => window.comfyAPI.api.api.dispatchCustomEvent('lora_trainer.started', detail)",
+                      {"run_id": "under-cuda-malloc-async", "node": node, "step": 0, "total_steps": 5,
+                       "compiling": False, "notice": ALLOCATOR_NOTICE})
+        assert wait_for_panel(page, "d.notice !== ''")["notice"] == ALLOCATOR_NOTICE
+        assert notice_line.is_visible() and "--disable-cuda-malloc" in notice_line.inner_text()
         assert not page.errors, f"the page raised: {page.errors}"
 
     resumed = comfy_server.get_json("/lora_trainer/status")["run"]

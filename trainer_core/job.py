@@ -157,7 +157,8 @@ class TrainingJob:
             torch.cuda.reset_peak_memory_stats(trainer.device)
         # Before the first step, which can take minutes where blocks compile: say the run is on.
         self._events.put(Event("started", {"step": trainer.state.step, "total_steps": trainer.config.steps,
-                                           "compiling": trainer.compiles_blocks}))
+                                           "compiling": trainer.compiles_blocks,
+                                           "notice": trainer.allocator_notice}))
         try:
             out_of_memory = ""
             try:

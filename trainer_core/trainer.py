@@ -154,6 +154,9 @@ class RunState:
 
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+ALLOCATOR_NOTICE = ("steps run without CUDA graphs: ComfyUI runs PyTorch's cudaMallocAsync allocator, where a failed "
+                    "recording would end the server; start ComfyUI with --disable-cuda-malloc for faster, recorded "
+                    "steps")
 
 
 def _addresses_of(*modules: torch.nn.Module) -> Callable[[], tuple]:
@@ -290,10 +293,8 @@ class Trainer:
                     if self.uses_cuda_graphs:
                         self._graphed = GraphedSteps(list(self.network.parameters()), self._forward_backward,
                                                      _addresses_of(diffusion_model, self.network))
-                    elif cfg.cuda_graphs == "auto" and self.device.type == "cuda" and not records_on(self.device):
-                        log.info("steps run without CUDA graphs: this process uses PyTorch's cudaMallocAsync "
-                                 "allocator (a ComfyUI server's default), where a failed recording would end the "
-                                 "process; start ComfyUI with --disable-cuda-malloc for faster, recorded steps")
+                    elif self.allocator_notice:
+                        log.info("%s", self.allocator_notice)
                     yield self
             finally:
                 if self._graphed is not None:
@@ -390,6 +391,16 @@ class Trainer:
                 yield
         finally:
             comfy_compat.unload_models([self.patcher])
+
+    @property
+    def allocator_notice(self) -> str:
+        """What the run tells the user before its first step where the process's allocator keeps its steps from
+        being recorded as CUDA graphs ("" elsewhere): a ComfyUI server's cudaMallocAsync, under which a failed
+        recording would end the process (graphs.records_on). SDXL's eager steps through the node took 8x its
+        recorded ones on the H200 (bench/NOTES.md §15), so the node's panel says it too."""
+        if self.config.cuda_graphs == "auto" and under_cuda_malloc_async(self.device):
+            return ALLOCATOR_NOTICE
+        return ""
 
     @property
     def compiles_blocks(self) -> bool:

@@ -1,6 +1,7 @@
 // The live training panel on the Train LoRA node: loss chart (with the validation loss where the dataset holds
 // images out), learning rate, step, speed, ETA, peak VRAM
-// (on CUDA), the newest sample images, and the Save now / Stop and save actions. It follows the pack's
+// (on CUDA), the newest sample images, the Save now / Stop and save actions, and a notice where ComfyUI's
+// allocator keeps the steps from CUDA graphs. It follows the pack's
 // websocket events (`lora_trainer.*`) and, when a page opens or reloads, redraws from /lora_trainer/status.
 
 import { app } from "../../scripts/app.js";
@@ -34,6 +35,7 @@ const STYLE = `
 .lora-panel .lora-strip figcaption { position: absolute; bottom: 0; left: 0; right: 0; font-size: 9px;
   text-align: center; background: rgba(0, 0, 0, 0.55); color: #fff; }
 .lora-panel .lora-message { min-height: 1em; color: var(--descrip-text, #999); }
+.lora-panel .lora-notice { color: var(--descrip-text, #999); font-style: italic; }
 .lora-lightbox { position: fixed; inset: 0; z-index: 10000; display: flex; flex-direction: column;
   align-items: center; justify-content: center; gap: 8px; background: rgba(0, 0, 0, 0.85); color: #eee;
   font: 14px sans-serif; cursor: zoom-out; }
@@ -111,6 +113,8 @@ class TrainPanel {
     this.stopButton.addEventListener("click", () => this.act("stop", "stopping after this step…"));
     this.strip = element("div", { className: "lora-strip" });
     this.message = element("div", { className: "lora-message" });
+    // What the run says for its whole length: steps held back from CUDA graphs by ComfyUI's allocator.
+    this.notice = element("div", { className: "lora-notice" });
     this.root = element("div", { className: "lora-panel" }, [
       element("div", { className: "lora-stats" }, [stepCell, lossCell, smoothCell, lrCell, speedCell, etaCell, validationCell, peakCell, swappedCell]),
       this.canvas,
@@ -118,6 +122,7 @@ class TrainPanel {
         element("label", {}, [this.logToggle, " log"]), this.statusLine, this.saveButton, this.stopButton,
       ]),
       this.strip,
+      this.notice,
       this.message,
     ]);
     new ResizeObserver(() => this.chart.draw()).observe(this.canvas);
@@ -132,6 +137,7 @@ class TrainPanel {
     this.validation = { step: [], loss: [] };
     this.rates = {};
     this.samples = [];
+    this.noticeText = "";
   }
 
   // A whole run, from the status route.
@@ -146,6 +152,8 @@ class TrainPanel {
     this.validation = validation ?? { step: [], loss: [] };
     this.rates = run;
     this.samples = run.samples.filter((s) => s.image);
+    // A server from before notices sends none.
+    this.noticeText = run.notice ?? "";
     this.message.textContent = run.error ?? (run.compiling ? COMPILING : "");
     this.render();
   }
@@ -169,6 +177,7 @@ class TrainPanel {
       this.status = "running";
       this.total = data.total_steps;
       this.message.textContent = data.compiling ? COMPILING : "";
+      this.noticeText = data.notice ?? "";
     } else if (kind === "step") {
       if (this.message.textContent === COMPILING) this.message.textContent = "";
       this.status = "running";
@@ -245,6 +254,8 @@ class TrainPanel {
     const swapped = this.rates.blocks_swapped;
     f.swapped.textContent = swapped ? String(swapped) : "";
     this.swappedCell.hidden = !swapped;
+    this.notice.textContent = this.noticeText;
+    this.notice.hidden = !this.noticeText;
     this.statusLine.textContent = this.status ? STATUS_TEXT[this.status] : "no run yet";
     const running = this.status === "running";
     this.saveButton.disabled = !running;
@@ -256,6 +267,7 @@ class TrainPanel {
       runId: this.runId ?? "", status: this.status ?? "", points: String(count), lastLoss: last === null ? "" : String(last),
       samples: String(this.samples.length), peakVram: peak, blocksSwapped: swapped ? String(swapped) : "",
       validationPoints: String(validated), lastValidationLoss: lastValidation === null ? "" : String(lastValidation),
+      notice: this.noticeText,
     });
   }
 
