@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from tiny_encoders import clip_files
 from tiny_models import MODEL_FACTORIES, dynamic_vram_stand_in, load_sd3, needs_dynamic_vram, random_inputs, sd3_file
-from torch.nn.attention import SDPBackend
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from trainer_core import loading
 from trainer_core.attention import cudnn_attention_fault
@@ -404,6 +404,34 @@ def test_attention_runs_with_the_kernel_order_the_config_asks_for(monkeypatch):
     assert losses["cudnn"] == losses["flash"] == losses["auto"]
     with pytest.raises(ConfigError, match=r"^train\.attention: 'xformers' is not one of 'auto', 'flash', 'cudnn'"):
         train_config(attention="xformers")
+
+
+def test_the_hosts_own_attention_kernel_order_is_the_runs_while_it_trains(monkeypatch):
+    """ComfyUI 0.33 on CUDA runs each large SDPA call inside its own kernel order (`comfy.ops.SDPA_BACKEND_PRIORITY`,
+    flash first), inside the order the run sets: on the H200 the steps' attention ran FlashAttention-2 instead of
+    cuDNN's, and steps were 13-14 % slower than on 0.3.75 (bench/NOTES.md §15). The run puts its own order there
+    while it trains and gives the host's back after. That wrapper is defined only where CUDA is found as
+    `comfy.ops` is imported, so here a stand-in does what it does: read the list at each call."""
+    fallbacks = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    hosts_order = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                   SDPBackend.MATH]
+    monkeypatch.setattr(comfy.ops, "SDPA_BACKEND_PRIORITY", hosts_order, raising=False)
+    monkeypatch.setattr(comfy.ldm.flux.math, "optimized_attention", comfy.ldm.modules.attention.attention_pytorch)
+    seen = []
+
+    def hosts_sdpa(q, k, v, *args, **kwargs):
+        with sdpa_kernel(comfy.ops.SDPA_BACKEND_PRIORITY, set_priority=True):
+            seen.append([SDPBackend(i) for i in torch._C._get_sdp_priority_order()])
+            return F.scaled_dot_product_attention(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(comfy.ops, "scaled_dot_product_attention", hosts_sdpa)
+    patcher = MODEL_FACTORIES["flux_dev"]()
+    for choice, kernels in {"cudnn": [SDPBackend.CUDNN_ATTENTION, *fallbacks], "flash": fallbacks}.items():
+        seen.clear()
+        run_collecting_losses(Trainer(patcher, fixed_samples(patcher, 2), LoraConfig(rank=4),
+                                      train_config(steps=2, attention=choice)))
+        assert seen and all(order[:len(kernels)] == kernels for order in seen), (choice, seen[0])
+        assert comfy.ops.SDPA_BACKEND_PRIORITY is hosts_order
 
 
 def test_the_cudnn_attention_check_reports_a_failing_kernel_instead_of_failing_itself():

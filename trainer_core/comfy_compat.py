@@ -150,6 +150,26 @@ def device_memory_available(device) -> int:
 
 
 @contextlib.contextmanager
+def attention_kernel_priority(kernels: list):
+    """Makes the host's own order of SDPA's kernels, where it keeps one, the run's (`kernels`), and gives the
+    host's back after. ComfyUI 0.33 on CUDA (0.3.75 on Windows only) runs each large SDPA call inside
+    `sdpa_kernel(comfy.ops.SDPA_BACKEND_PRIORITY, set_priority=True)`, flash first, which overrides the order the
+    run sets around its steps: on the H200 the steps' attention, forward and backward, ran FlashAttention-2
+    instead of cuDNN's, and Flux and SD3.5 Large stepped 13-14 % slower than on 0.3.75 (bench/NOTES.md §15).
+    The host reads the list at each call (and torch.compile as it traces a block), so setting it here reaches
+    both."""
+    if not hasattr(comfy.ops, "SDPA_BACKEND_PRIORITY"):
+        yield
+        return
+    before = comfy.ops.SDPA_BACKEND_PRIORITY
+    comfy.ops.SDPA_BACKEND_PRIORITY = list(kernels)
+    try:
+        yield
+    finally:
+        comfy.ops.SDPA_BACKEND_PRIORITY = before
+
+
+@contextlib.contextmanager
 def training_mode(enabled: bool):
     """Tells the host whether the model runs to be trained, and restores what it said before.
 

@@ -278,6 +278,7 @@ class Trainer:
                 with (
                     comfy_compat.training_mode(True),
                     kernels_in_order(self.attention_kernels),
+                    comfy_compat.attention_kernel_priority(self.attention_kernels),
                     self.network.attached(diffusion_model),
                     self.text_encoding.attached() if self.text_encoding is not None else contextlib.nullcontext(),
                     self.family.training_patches(),
