@@ -5,18 +5,21 @@ import math
 
 import comfy.ldm.flux.math
 import comfy.ldm.modules.attention
+import comfy.memory_management
 import comfy.model_management
 import comfy.model_patcher
 import comfy.ops
 import comfy.sd
+import comfy.utils
 import pytest
+import safetensors
 import torch
 import torch.nn.functional as F
 from tiny_encoders import clip_files
 from tiny_models import MODEL_FACTORIES, dynamic_vram_stand_in, load_sd3, needs_dynamic_vram, random_inputs, sd3_file
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from trainer_core import loading
+from trainer_core import comfy_compat, loading
 from trainer_core.attention import cudnn_attention_fault
 from trainer_core.config import ConfigError, LoraConfig, TrainConfig
 from trainer_core.families import family_for
@@ -297,6 +300,39 @@ def test_load_base_model_loads_plain_where_the_host_loads_for_dynamic_vram(monke
     clip_l = str(clip_files("flux")[0])  # Flux's loader takes a CLIP-L file alone
     assert comfy.sd.load_clip([clip_l], clip_type=comfy.sd.CLIPType.FLUX).patcher.is_dynamic()
     assert not loading.load_text_encoders([clip_l], "flux").patcher.is_dynamic()
+
+
+def read_safetensors(path: str) -> tuple[dict, dict]:
+    with safetensors.safe_open(path, framework="pt") as file:
+        return {key: file.get_tensor(key) for key in file.keys()}, file.metadata() or {}
+
+
+@needs_dynamic_vram
+@pytest.mark.parametrize("weight_dtype", [torch.float16, torch.float8_e4m3fn])
+def test_load_base_model_stores_the_weights_in_the_dtype_the_model_runs_in_under_dynamic_vram(monkeypatch,
+                                                                                              weight_dtype):
+    """ComfyUI 0.33's server (comfy-aimdo on) builds each Linear empty and assigns it its file's tensor, leaving
+    the cast to the dynamic patcher's layers; a plain patcher kept the file's dtype. On the H200 an SD3.5 Medium
+    file in bf16 loaded as fp16 trained under autocast, then ComfyUI's sampler fed fp16 latents to bf16 weights at
+    the first preview (bench/NOTES.md §16); an fp8 choice would have kept the file's bf16, twice the memory."""
+    path = str(sd3_file())  # fp32; written before the switch, which would build the model to write empty
+    monkeypatch.setattr(comfy.memory_management, "aimdo_enabled", True)
+    # The server reads files through comfy-aimdo's memory map, which needs its GPU library: read plainly here.
+    monkeypatch.setattr(comfy.utils, "load_safetensors", read_safetensors)
+    model = loading.load_diffusion_model(path, True, weight_dtype)[0]
+    diffusion_model = model.model.diffusion_model
+    assert {p.dtype for p in diffusion_model.parameters()} == {weight_dtype}
+    # A dynamic model from ComfyUI's own loader, which a run trains as the plain copy ComfyUI loads of it.
+    monkeypatch.setattr(comfy.model_patcher, "CoreModelPatcher", dynamic_vram_stand_in())
+    dynamic = comfy.sd.load_checkpoint_guess_config(path, output_clip=False, model_options={"dtype": weight_dtype})[0]
+    plain = comfy_compat.plain_patcher(dynamic)
+    assert {p.dtype for p in plain.model.diffusion_model.parameters()} == {weight_dtype}
+    if weight_dtype == torch.float16:
+        inputs = random_inputs(model, batch=1, latent_hw=LATENT_HW, seed=5)
+        sigma = torch.full((1,), 0.5)
+        with torch.inference_mode():
+            prediction = model.model.apply_model(inputs["x"], sigma, c_crossattn=inputs["context"], y=inputs["y"])
+        assert prediction.shape == inputs["x"].shape and prediction.isfinite().all()
 
 
 @pytest.mark.parametrize("name", ["sd3", "flux_dev"])

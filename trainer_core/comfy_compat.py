@@ -53,6 +53,23 @@ def plain_loader_options(loader) -> dict:
     return {"disable_dynamic": True} if "disable_dynamic" in inspect.signature(loader).parameters else {}
 
 
+def store_in_declared_dtypes(model: torch.nn.Module) -> None:
+    """Casts each weight that ComfyUI 0.33 left in its file's dtype to the dtype its layer was built for.
+
+    With dynamic VRAM on (its server, comfy-aimdo), ComfyUI builds its layers empty and gives them the file's
+    tensors as they are, whatever dtype it chose to run the model in; the dynamic patcher casts each weight as
+    its layer runs, a plain one does not. On the H200 an SD3.5 Medium file in bf16, which ComfyUI runs in fp16,
+    trained under autocast and then failed in ComfyUI's sampler at the first preview (fp16 latents, bf16
+    weights); a file cast to fp8 on loading would keep its full size. This casts as a load without dynamic VRAM
+    does (0.3.75, `lora-train`), where no layer records the dtype it was built for."""
+    for module in model.modules():
+        for name, parameter in module.named_parameters(recurse=False):
+            dtype = getattr(module, f"{name}_comfy_model_dtype", None)
+            # ComfyUI's quantized weights (a tensor subclass) keep their own storage format.
+            if dtype is not None and parameter.dtype != dtype and type(parameter.data) is torch.Tensor:
+                parameter.data = parameter.data.to(dtype)
+
+
 # The plain copy made of each dynamic model and text-encoder set (ComfyUI's clone override: the plain model and its
 # backups), for as long as the dynamic one lives. ComfyUI keeps it on the patcher it was made for and forgets it
 # in every clone of that patcher, so without this each run from a fresh clone would load the model again.
@@ -71,6 +88,8 @@ def _plain_clone(patcher, what: str):
         raise ConfigError(f"{what}: it was loaded for ComfyUI's dynamic VRAM by a loader that cannot load it again "
                           "for training; load it with Load Base Model, or start ComfyUI with --disable-dynamic-vram")
     plain = patcher.clone(disable_dynamic=True, model_override=override)
+    if override is None:
+        store_in_declared_dtypes(plain.model)
     _plain_copies[patcher.model] = plain.get_clone_model_override()
     return plain
 

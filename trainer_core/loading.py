@@ -29,13 +29,18 @@ def load_diffusion_model(path: str, is_checkpoint: bool, weight_dtype: torch.dty
     else:
         loader = comfy.sd.load_diffusion_model
         model = loader(path, model_options=options, **comfy_compat.plain_loader_options(loader))
+    for patcher in (model, clip and clip.patcher):
+        if patcher is not None:
+            comfy_compat.store_in_declared_dtypes(patcher.model)
     return model, clip, vae, family_for(model.model, TrainConfig()).name
 
 
 def load_text_encoders(paths: list[str], family: str, embeddings=None):
     loader = comfy.sd.load_clip
-    return loader(paths, embedding_directory=embeddings, clip_type=CLIP_TYPES[family],
+    clip = loader(paths, embedding_directory=embeddings, clip_type=CLIP_TYPES[family],
                   **comfy_compat.plain_loader_options(loader))
+    comfy_compat.store_in_declared_dtypes(clip.patcher.model)
+    return clip
 
 
 def load_vae(path: str):
