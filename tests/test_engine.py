@@ -5,7 +5,6 @@ import math
 
 import comfy.ldm.flux.math
 import comfy.ldm.modules.attention
-import comfy.memory_management
 import comfy.model_management
 import comfy.model_patcher
 import comfy.ops
@@ -316,6 +315,8 @@ def test_load_base_model_stores_the_weights_in_the_dtype_the_model_runs_in_under
     file in bf16 loaded as fp16 trained under autocast, then ComfyUI's sampler fed fp16 latents to bf16 weights at
     the first preview (bench/NOTES.md §16); an fp8 choice would have kept the file's bf16, twice the memory."""
     path = str(sd3_file())  # fp32; written before the switch, which would build the model to write empty
+    import comfy.memory_management  # 0.33's (needs_dynamic_vram)
+
     monkeypatch.setattr(comfy.memory_management, "aimdo_enabled", True)
     # The server reads files through comfy-aimdo's memory map, which needs its GPU library: read plainly here.
     monkeypatch.setattr(comfy.utils, "load_safetensors", read_safetensors)

@@ -179,22 +179,27 @@ def block_hidden_states(widths: Sequence[int], batch: int, image_tokens: int, te
     return [batch * (image_tokens * narrowest**2 // width**2 + text_tokens) * width for width in widths]
 
 
+# CUDA graphs (graphs.py): their shared pool keeps a recorded step's activations and, recording another bucket's
+# shape into it, grows past them; Flux fp8 and SD3.5 Large ran out of memory recording the second bucket at the
+# eager estimate.
+GRAPH_POOL_ACTIVATIONS = 1
+# cudaMallocAsync (a ComfyUI server's allocator): its pool keeps what each bucket's step freed in the sizes it was
+# carved, and PyTorch's backend does not give it back and retry when the card is full. Beyond the live peak it held
+# 0.6-2.0x the eager activations in the node's runs (SDXL 8 GB 2.0x, SD3.5 Medium 8 GB 1.8x, SD3.5 Large fp8
+# 12 GB 1.7x); SD3.5 Large ran out of memory in its first step with one set counted (and the margin).
+ASYNC_POOL_ACTIVATIONS = 2
+
+
 def estimate_step(diffusion_model: nn.Module, blocks: Sequence[nn.Module], lora_parameters: int, optimizer: str,
                   batch_shape: Sequence[int], text_tokens: int, compute_dtype: torch.dtype,
-                  available: int, pooled: bool = False) -> MemoryEstimate:
+                  available: int, pooled_activations: int = 0) -> MemoryEstimate:
     """The memory a training step needs besides the blocks, at the run's largest batch (B, C, H, W):
     image tokens are the latent's patches (the DiTs' `patch_size`, whose sequences hold the text too; a
     UNet (SDXL) has none and works on every latent pixel at its first level).
 
-    `pooled`: a pool holds memory the step's activations were in beside the live ones, and activations count
-    twice. Two do (bench/NOTES.md §13, §15; on an H200 with the card's end physical):
-    - CUDA graphs (graphs.py): their shared pool keeps a recorded step's activations and, recording another
-      bucket's shape into it, grows past them; Flux fp8 and SD3.5 Large ran out of memory recording the
-      second bucket at the eager estimate.
-    - cudaMallocAsync (a ComfyUI server's allocator): its pool keeps what each bucket's step freed in the
-      sizes it was carved, and held 1.0-2.7 GiB beyond the live peak (0.6-2.0x the eager activations); at
-      the eager estimate the Train LoRA node ran out of memory in its first step with Flux fp8 on 16 GB,
-      SD3.5 Medium on 8 GB and SD3.5 Large fp8 on 12 GB."""
+    `pooled_activations`: how many more times a step's activations a memory pool holds beside the live ones
+    (GRAPH_POOL_ACTIVATIONS, ASYNC_POOL_ACTIVATIONS; bench/NOTES.md §13, §15, §16; on an H200 with the card's
+    end physical)."""
     batch, _, height, width = batch_shape
     patch = getattr(diffusion_model, "patch_size", None)
     compute_bytes = torch.empty((), dtype=compute_dtype).element_size()
@@ -205,8 +210,7 @@ def estimate_step(diffusion_model: nn.Module, blocks: Sequence[nn.Module], lora_
     activations = activation_bytes(hidden_states, compute_bytes,
                                    max(sum(p.numel() for p in b.parameters()) for b in blocks),
                                    stored != {compute_dtype})
-    if pooled:
-        activations *= 2
+    activations *= 1 + pooled_activations
     lora = lora_parameters * (4 + 4 + OPTIMIZER_STATE_BYTES[optimizer])
     rest = tensor_bytes(diffusion_model) - sum(map(tensor_bytes, blocks))
     return MemoryEstimate(rest_of_model=rest, lora=lora, activations=activations, available=available)

@@ -21,7 +21,15 @@ from torch.nn.attention import SDPBackend
 
 from . import comfy_compat
 from .attention import kernel_order, kernels_in_order
-from .blockswap import BlockSwapper, chosen_swap_plan, estimate_step, swapped_indices, tensor_bytes
+from .blockswap import (
+    ASYNC_POOL_ACTIVATIONS,
+    GRAPH_POOL_ACTIVATIONS,
+    BlockSwapper,
+    chosen_swap_plan,
+    estimate_step,
+    swapped_indices,
+    tensor_bytes,
+)
 from .checkpointing import make_autograd_safe, wrapped_blocks
 from .comfy_compat import device_memory_available
 from .config import BLOCKS_TO_SWAP_AUTO, ConfigError, LoraConfig, TrainConfig
@@ -360,15 +368,15 @@ class Trainer:
                            for t in c.values() if t.ndim == 2), default=0)
         available = device_memory_available(self.device) + self.patcher.loaded_size()
 
-        def estimate(pooled: bool):
+        def estimate(pooled_activations: int):
             return estimate_step(self.family.diffusion_model, blocks, sum(p.numel() for p in self.network.parameters()),
                                  self.config.optimizer, batch_shape, text_tokens, self.family.compute_dtype(),
-                                 available, pooled=pooled)
+                                 available, pooled_activations)
 
+        eager_pool = ASYNC_POOL_ACTIVATIONS if under_cuda_malloc_async(self.device) else 0
         count, self._graphs_fit = chosen_swap_plan([tensor_bytes(b) for b in blocks],
-                                                   estimate(True) if self.uses_cuda_graphs else None,
-                                                   estimate(under_cuda_malloc_async(self.device)),
-                                                   f"batch {tuple(batch_shape)}")
+                                                   estimate(GRAPH_POOL_ACTIVATIONS) if self.uses_cuda_graphs else None,
+                                                   estimate(eager_pool), f"batch {tuple(batch_shape)}")
         return count
 
     @contextlib.contextmanager
