@@ -336,6 +336,28 @@ def test_load_base_model_stores_the_weights_in_the_dtype_the_model_runs_in_under
         assert prediction.shape == inputs["x"].shape and prediction.isfinite().all()
 
 
+@needs_dynamic_vram
+def test_text_encoders_a_run_uses_hold_their_weights_in_the_dtype_they_run_in_under_dynamic_vram(monkeypatch):
+    """As for the diffusion model above: the text encoders a run trains or encodes with, whichever way ComfyUI 0.33's
+    server loaded them (Load Base Model; ComfyUI's loader, plain where it loads onto the CPU, else dynamic)."""
+    import comfy.memory_management  # 0.33's (needs_dynamic_vram)
+
+    clip_l = str(clip_files("flux")[0])  # fp16; Flux's loader takes a CLIP-L file alone
+    monkeypatch.setattr(comfy.memory_management, "aimdo_enabled", True)
+    monkeypatch.setattr(comfy.utils, "load_safetensors", read_safetensors)
+    monkeypatch.setattr(comfy.model_management, "text_encoder_dtype", lambda *args, **kwargs: torch.float32)
+
+    def dtypes(clip) -> set:
+        return {p.dtype for p in clip.cond_stage_model.parameters()}
+
+    assert dtypes(loading.load_text_encoders([clip_l], "flux")) == {torch.float32}
+    plain = comfy.sd.load_clip([clip_l], clip_type=comfy.sd.CLIPType.FLUX)
+    assert torch.float16 in dtypes(plain) and dtypes(comfy_compat.plain_clip(plain)) == {torch.float32}
+    monkeypatch.setattr(comfy.model_patcher, "CoreModelPatcher", dynamic_vram_stand_in())
+    dynamic = comfy.sd.load_clip([clip_l], clip_type=comfy.sd.CLIPType.FLUX)
+    assert dynamic.patcher.is_dynamic() and dtypes(comfy_compat.plain_clip(dynamic)) == {torch.float32}
+
+
 @pytest.mark.parametrize("name", ["sd3", "flux_dev"])
 def test_base_weights_get_no_gradient_and_keep_their_flags(name):
     patcher = MODEL_FACTORIES[name]()

@@ -60,8 +60,9 @@ def store_in_declared_dtypes(model: torch.nn.Module) -> None:
     tensors as they are, whatever dtype it chose to run the model in; the dynamic patcher casts each weight as
     its layer runs, a plain one does not. On the H200 an SD3.5 Medium file in bf16, which ComfyUI runs in fp16,
     trained under autocast and then failed in ComfyUI's sampler at the first preview (fp16 latents, bf16
-    weights); a file cast to fp8 on loading would keep its full size. This casts as a load without dynamic VRAM
-    does (0.3.75, `lora-train`), where no layer records the dtype it was built for."""
+    weights); a file cast to fp8 on loading would keep its full size. This casts as a load without comfy-aimdo
+    does (0.3.75, `lora-train`): there the loader copies the file into layers built in their dtype, and nothing
+    differs."""
     for module in model.modules():
         for name, parameter in module.named_parameters(recurse=False):
             dtype = getattr(module, f"{name}_comfy_model_dtype", None)
@@ -88,8 +89,6 @@ def _plain_clone(patcher, what: str):
         raise ConfigError(f"{what}: it was loaded for ComfyUI's dynamic VRAM by a loader that cannot load it again "
                           "for training; load it with Load Base Model, or start ComfyUI with --disable-dynamic-vram")
     plain = patcher.clone(disable_dynamic=True, model_override=override)
-    if override is None:
-        store_in_declared_dtypes(plain.model)
     _plain_copies[patcher.model] = plain.get_clone_model_override()
     return plain
 
@@ -99,20 +98,24 @@ def plain_patcher(patcher):
     NVIDIA cards) a plain ModelPatcher of the model, loaded again from its file once (as ComfyUI's torch.compile
     node does) and shared by later runs and clones. A dynamic patcher keeps the weights in host memory and pages
     them onto the card as each layer runs, which block swap, the base weight under a LoRA and a recorded step
-    cannot follow."""
-    return _plain_clone(patcher, "model") if _is_dynamic(patcher) else patcher
+    cannot follow. Its weights in the dtypes the model runs in (`store_in_declared_dtypes`)."""
+    plain = _plain_clone(patcher, "model") if _is_dynamic(patcher) else patcher
+    store_in_declared_dtypes(plain.model)
+    return plain
 
 
 def plain_clip(clip):
     """`clip`, or where its patcher is dynamic (see plain_patcher) a clone that encodes with plain encoders, its
     settings (last layer, tokenizer options) those of `clip`. ComfyUI's `CLIP.clone(disable_dynamic=True)`
     would keep the dynamic encoders as the clone's `cond_stage_model`, which encodes, and load the plain ones
-    again at every call."""
+    again at every call. Its weights in the dtypes the encoders run in (`store_in_declared_dtypes`)."""
     if not _is_dynamic(clip.patcher):
+        store_in_declared_dtypes(clip.patcher.model)
         return clip
     plain = clip.clone()
     plain.patcher = _plain_clone(clip.patcher, "clip")
     plain.cond_stage_model = plain.patcher.model
+    store_in_declared_dtypes(plain.cond_stage_model)
     return plain
 
 

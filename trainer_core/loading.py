@@ -29,9 +29,9 @@ def load_diffusion_model(path: str, is_checkpoint: bool, weight_dtype: torch.dty
     else:
         loader = comfy.sd.load_diffusion_model
         model = loader(path, model_options=options, **comfy_compat.plain_loader_options(loader))
-    for patcher in (model, clip and clip.patcher):
-        if patcher is not None:
-            comfy_compat.store_in_declared_dtypes(patcher.model)
+    comfy_compat.store_in_declared_dtypes(model.model)
+    if clip is not None:
+        comfy_compat.store_in_declared_dtypes(clip.patcher.model)
     return model, clip, vae, family_for(model.model, TrainConfig()).name
 
 
