@@ -2,6 +2,7 @@
 
 import contextlib
 import inspect
+import sys
 import weakref
 
 import comfy.float
@@ -53,6 +54,13 @@ def plain_loader_options(loader) -> dict:
     return {"disable_dynamic": True} if "disable_dynamic" in inspect.signature(loader).parameters else {}
 
 
+def _loads_from_file_as_is() -> bool:
+    """Whether ComfyUI's layers take a file's tensors as they are: 0.33 with comfy-aimdo on (its server on an NVIDIA
+    card); 0.3.75 has no such switch."""
+    memory_management = sys.modules.get("comfy.memory_management")
+    return bool(getattr(memory_management, "aimdo_enabled", False))
+
+
 def store_in_declared_dtypes(model: torch.nn.Module) -> None:
     """Casts each weight that ComfyUI 0.33 left in its file's dtype to the dtype its layer was built for.
 
@@ -61,8 +69,11 @@ def store_in_declared_dtypes(model: torch.nn.Module) -> None:
     its layer runs, a plain one does not. On the H200 an SD3.5 Medium file in bf16, which ComfyUI runs in fp16,
     trained under autocast and then failed in ComfyUI's sampler at the first preview (fp16 latents, bf16
     weights); a file cast to fp8 on loading would keep its full size. This casts as a load without comfy-aimdo
-    does (0.3.75, `lora-train`): there the loader copies the file into layers built in their dtype, and nothing
-    differs."""
+    does (0.3.75, `lora-train`). Without comfy-aimdo it casts nothing: the loader copied the file into layers
+    built in their dtype, so a weight in another dtype was put there on purpose (a CLIP converted with
+    `.float()`)."""
+    if not _loads_from_file_as_is():
+        return
     for module in model.modules():
         for name, parameter in module.named_parameters(recurse=False):
             dtype = getattr(module, f"{name}_comfy_model_dtype", None)
