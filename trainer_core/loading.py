@@ -29,6 +29,8 @@ def load_diffusion_model(path: str, is_checkpoint: bool, weight_dtype: torch.dty
     else:
         loader = comfy.sd.load_diffusion_model
         model = loader(path, model_options=options, **comfy_compat.plain_loader_options(loader))
+    # Here as well as where a run takes its model (comfy_compat.plain_patcher): Load Base Model's MODEL and CLIP
+    # also go to ComfyUI's own nodes (LoRA Loader, KSampler), which run a plain model's weights as stored.
     comfy_compat.store_in_declared_dtypes(model.model)
     if clip is not None:
         comfy_compat.store_in_declared_dtypes(clip.patcher.model)
