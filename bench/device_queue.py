@@ -15,8 +15,9 @@ A queue file holds one realrun.py call per line, named: `flux-cli-16: --model fl
   the time to pack and send. A line that cannot start leaves room for a shorter one after it.
 - State (`--state`, in /tmp: it lasts as long as the machine stays warm): a line whose runs all ended (trained,
   did not fit or failed) is done and skipped by later calls; a line stopped by the time limit runs again.
-- Host: COMFYUI_PATH, else the host scripts/prepare_device.sh put in .device/comfyui; the wheels it put in
-  .device/whl are installed once per machine into the state's `site` folder, put first on the lines'
+- Host: COMFYUI_PATH, else the host scripts/prepare_device.sh packed into .device/comfyui.tar.xz, unpacked once
+  per machine into the state's `comfyui` folder (a host folder .device/comfyui is used as it is); the wheels it
+  put in .device/whl are installed once per machine into the state's `site` folder, put first on the lines'
   PYTHONPATH (`pip install --no-index --no-deps --target`: the device has no network).
 - Output: `<out>/queue-<time>.tgz` with the folder of every line this call ran (realrun's JSON, markdown and run
   logs, the call's own log) and each lane's timeline; `queue-<time>.txt` is the timeline alone.
@@ -24,6 +25,7 @@ A queue file holds one realrun.py call per line, named: `flux-cli-16: --model fl
 
 import argparse
 import datetime
+import hashlib
 import itertools
 import json
 import os
@@ -122,6 +124,24 @@ def install_wheels(wheels: Path, state: Path) -> str | None:
     return str(site)
 
 
+def unpack_host(device: Path, state: Path) -> str | None:
+    """The ComfyUI host prepare_device.sh carried: its archive unpacked into a folder of the state once per machine
+    (again when the archive changes), else a host folder as it is; None where neither was carried."""
+    archive = device / "comfyui.tar.xz"
+    if not archive.is_file():
+        return str(device / "comfyui") if (device / "comfyui" / "comfy").is_dir() else None
+    host, marker = state / "comfyui", state / "host-unpacked"
+    stamp = hashlib.sha256(archive.read_bytes()).hexdigest()
+    if marker.is_file() and marker.read_text() == stamp:
+        return str(host)
+    shutil.rmtree(host, ignore_errors=True)
+    host.mkdir(parents=True)
+    with tarfile.open(archive) as packed:
+        packed.extractall(host, filter="data")
+    marker.write_text(stamp)
+    return str(host)
+
+
 def finished(results: Path) -> bool:
     """Whether every run of the call ended by itself: one stopped by the time limit, or never started, runs again."""
     documents = list(results.glob("realrun-*.json"))
@@ -200,8 +220,8 @@ class Queue:
             site = install_wheels(args.wheels, args.state)
             if site is not None:
                 base["PYTHONPATH"] = os.pathsep.join(filter(None, [site, base.get("PYTHONPATH")]))
-            if "COMFYUI_PATH" not in base and (args.wheels.parent / "comfyui" / "comfy").is_dir():
-                base["COMFYUI_PATH"] = str(args.wheels.parent / "comfyui")
+            if "COMFYUI_PATH" not in base and (host := unpack_host(args.wheels.parent, args.state)) is not None:
+                base["COMFYUI_PATH"] = host
             threads = [threading.Thread(target=self.run_lane, name=f"lane{index}",
                                         args=(index, lane, base | {"CUDA_VISIBLE_DEVICES": str(index)}))
                        for index, lane in enumerate(lanes)]

@@ -2,8 +2,9 @@
 # Builds .device/ (git-ignored): what the GPU machine needs for bench/bench.py and bench/realrun.py and
 # lacks, to be named in the device call's `carry`. Its image has torch, transformers, safetensors, numpy, einops, scipy, PIL,
 # tqdm, psutil, yaml, aiohttp (see the device's KINDS.md) but no network, so it gets:
-#   .device/comfyui/  the ComfyUI host (COMFYUI_PATH or .comfyui/; 0.3.75 or newer), without tests, docs, API
-#                     nodes, blueprints and the tokenizer data of models we never load (Llama, Qwen, ...);
+#   .device/comfyui.tar.xz  the ComfyUI host (COMFYUI_PATH or .comfyui/; 0.3.75 or newer), without tests, docs,
+#                     API nodes, blueprints and the tokenizer data of models we never load (Llama, Qwen, ...),
+#                     packed (14 MB as files, 2 MB packed: the repository's raw results share the 64 MiB);
 #                     realrun.py starts its server (main.py) with an empty --front-end-root and links the pack into
 #                     a custom_nodes folder of its own, so the frontend, template and docs packages are not needed
 #   .device/whl/      wheels for Python 3.12 / manylinux x86_64: bitsandbytes (AdamW8bit) cut down to its CPU and
@@ -14,7 +15,8 @@
 #                     comfy-kitchen goes without its compiled CUDA and ROCm kernels (57 MB, over the carry
 #                     limit): ComfyUI then uses its Triton and eager backends for its own quantized formats,
 #                     which the trainer's fp8 weights do not use.
-# bench/device_queue.py installs the wheels on the device (once per machine) and points COMFYUI_PATH at the host.
+# bench/device_queue.py installs the wheels and unpacks the host on the device (once per machine) and points
+# COMFYUI_PATH at the host.
 # The device call's working tree (tracked + untracked files + carried folders) must stay under 64 MiB;
 # the script prints the total and fails above it.
 # Use: scripts/prepare_device.sh   (env: PYTHON, COMFYUI_PATH, BNB_CUDA=130 for torch's cu130 build)
@@ -49,7 +51,10 @@ listed() {  # listed NAME ITEM...: whether NAME is one of the items
 [[ -x $PY ]] || PY=python3
 grep -qx '.device/' "$ROOT/.gitignore" || echo '.device/' >>"$ROOT/.gitignore"
 rm -rf "$OUT"
-mkdir -p "$OUT/comfyui" "$OUT/whl"
+mkdir -p "$OUT/whl"
+download=$(mktemp -d)
+staged=$(mktemp -d)
+trap 'rm -rf "$download" "$staged"' EXIT
 
 echo "ComfyUI $(cut -d'"' -f2 <(grep __version__ "$HOST/comfyui_version.py")) from $HOST"
 excluded=(
@@ -63,8 +68,8 @@ excluded=(
 for tokenizer in "$HOST"/comfy/text_encoders/*_tokenizer; do
     [[ $(basename "$tokenizer") == t5_tokenizer ]] || excluded+=("./comfy/text_encoders/$(basename "$tokenizer")")
 done
-tar -C "$HOST" "${excluded[@]/#/--exclude=}" -cf - . | tar -C "$OUT/comfyui" -xf -
-mkdir -p "$OUT/comfyui/custom_nodes"
+tar -C "$HOST" "${excluded[@]/#/--exclude=}" -cf - . | tar -C "$staged" -xf -
+mkdir -p "$staged/custom_nodes"
 
 # The host's requirements that the image lacks (with their specifiers), skipping comments and markers.
 host_wheels=()
@@ -74,8 +79,6 @@ while read -r requirement || [[ -n $requirement ]]; do
     host_wheels+=("$requirement")
 done < <(sed -E 's/#.*//; s/[[:space:]]+$//' "$HOST/requirements.txt")
 echo "wheels: ${WHEELS_NO_DEPS[*]} ${PINS[*]} ${host_wheels[*]} (with their dependencies)"
-download=$(mktemp -d)
-trap 'rm -rf "$download"' EXIT
 pip_download() {
     "$PY" -m pip download --quiet --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
@@ -131,7 +134,7 @@ for source in map(Path, sys.argv[3:]):
 PYTHON
 
 # The trimmed host must still import what the bench uses (run on the CPU here).
-COMFYUI_PATH=$OUT/comfyui PYTHONDONTWRITEBYTECODE=1 "$PY" - <<'PYTHON'
+COMFYUI_PATH=$staged PYTHONDONTWRITEBYTECODE=1 "$PY" - <<'PYTHON'
 import os
 import sys
 
@@ -153,6 +156,7 @@ import server  # noqa: E402,F401  - the real-run bench's node entry runs ComfyUI
 
 print("trimmed host imports: ok")
 PYTHON
+tar -C "$staged" -cJf "$OUT/comfyui.tar.xz" .
 
 # What the device call sends: tracked and untracked-not-ignored files, plus .device.
 repo_bytes=$(cd "$ROOT" && git ls-files -z --cached --others --exclude-standard |
@@ -160,7 +164,7 @@ repo_bytes=$(cd "$ROOT" && git ls-files -z --cached --others --exclude-standard 
 device_bytes=$(find "$OUT" -type f -printf '%s\n' | awk '{s += $1} END {print s + 0}')
 total=$((repo_bytes + device_bytes))
 mib() { awk -v b="$1" 'BEGIN {printf "%.1f MiB", b / 1048576}'; }
-echo "comfyui $(mib "$(find "$OUT/comfyui" -type f -printf '%s\n' | awk '{s += $1} END {print s + 0}')")"
+echo "comfyui.tar.xz $(mib "$(stat -c %s "$OUT/comfyui.tar.xz")")"
 for wheel in "$OUT"/whl/*.whl; do echo "$(basename "$wheel") $(mib "$(stat -c %s "$wheel")")"; done
 echo "carry total: repo $(mib "$repo_bytes") + .device $(mib "$device_bytes") = $(mib "$total") of $(mib "$LIMIT")"
 if ((total > LIMIT)); then

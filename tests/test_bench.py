@@ -362,6 +362,37 @@ def test_the_device_queue_installs_the_carried_wheels_once_into_its_own_folder(t
     assert (Path(site) / "carried_one.py").is_file() and (Path(site) / "carried_two.py").is_file()
 
 
+def test_the_device_queue_unpacks_the_carried_host_once_and_points_the_lines_at_it(tmp_path: Path) -> None:
+    """prepare_device.sh packs the trimmed host (the carry is limited to 64 MiB): the queue unpacks it into the
+    state once per machine, again when the archive changes, and a host folder carried as it is is used as it is."""
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    import device_queue
+
+    device, state = tmp_path / "device", tmp_path / "state"
+    (device / "comfyui" / "comfy").mkdir(parents=True)
+    state.mkdir()
+    assert device_queue.unpack_host(device, state) == str(device / "comfyui")
+    assert device_queue.unpack_host(tmp_path / "nothing", state) is None
+
+    def pack(version: str) -> None:
+        staged = tmp_path / "staged"
+        (staged / "comfy").mkdir(parents=True, exist_ok=True)
+        (staged / "comfyui_version.py").write_text(f'__version__ = "{version}"\n')
+        with tarfile.open(device / "comfyui.tar.xz", "w:xz") as archive:
+            archive.add(staged, arcname=".")
+
+    pack("0.33.0")
+    host = Path(device_queue.unpack_host(device, state))
+    assert host == state / "comfyui" and (host / "comfy").is_dir()
+    assert '"0.33.0"' in (host / "comfyui_version.py").read_text()
+    (host / "comfyui_version.py").unlink()  # a second call on the same machine unpacks nothing
+    assert device_queue.unpack_host(device, state) == str(host)
+    assert not (host / "comfyui_version.py").exists()
+    pack("0.34.0")  # another host: unpacked again, in place of the first
+    assert device_queue.unpack_host(device, state) == str(host)
+    assert '"0.34.0"' in (host / "comfyui_version.py").read_text()
+
+
 def test_the_real_run_bench_can_start_the_server_with_the_native_allocator(comfy_host: Path, tmp_path: Path) -> None:
     """`--disable-cuda-malloc` (what a user who starts ComfyUI with it gets: recorded steps, which the engine does
     not record under cudaMallocAsync) reaches the node entry's server: ComfyUI's /system_stats shows its argv."""
