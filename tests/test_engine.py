@@ -301,6 +301,37 @@ def test_load_base_model_loads_plain_where_the_host_loads_for_dynamic_vram(monke
     assert not loading.load_text_encoders([clip_l], "flux").patcher.is_dynamic()
 
 
+@pytest.mark.parametrize("card_computes_in_bf16", [True, False])
+def test_load_base_model_stores_default_weights_in_bf16_where_the_card_computes_in_bf16(monkeypatch,
+                                                                                       card_computes_in_bf16):
+    """ComfyUI runs SDXL and SD3 in fp16 where it can, and a run trains under bf16 autocast, which casts each
+    fp16 weight at every use; the benchmark harness stores bf16 (bench/NOTES.md §17). ComfyUI asks the card
+    whether it computes in fp16 and in bf16; the CPU says no to both, so a CUDA card's answers are given here
+    (yes and yes as on the H200, or fp16 only as on cards before Ampere)."""
+    monkeypatch.setattr(comfy.model_management, "should_use_fp16", lambda *args, **kwargs: True)
+    monkeypatch.setattr(comfy.model_management, "should_use_bf16", lambda *args, **kwargs: card_computes_in_bf16)
+    path = str(sd3_file())  # fp32
+    assert comfy.sd.load_checkpoint_guess_config(path)[0].model.get_dtype() == torch.float16  # ComfyUI's choice
+    model = loading.load_diffusion_model(path, True, None)[0]
+    dtypes = {parameter.dtype for parameter in model.model.diffusion_model.parameters()}
+    if not card_computes_in_bf16:
+        assert dtypes == {torch.float16}
+    else:
+        assert dtypes == {torch.bfloat16}
+        assert model.model.get_dtype() == torch.bfloat16 and model.model.manual_cast_dtype is None
+        # ComfyUI's sampler, which has no autocast, runs it (a preview) ...
+        inputs = random_inputs(model, batch=1, latent_hw=LATENT_HW, seed=5)
+        with torch.inference_mode():
+            prediction = model.model.apply_model(inputs["x"], torch.full((1,), 0.5), c_crossattn=inputs["context"],
+                                                 y=inputs["y"])
+        assert prediction.shape == inputs["x"].shape and prediction.isfinite().all()
+        # ... and a run trains it under bf16 autocast.
+        trainer = Trainer(model, fixed_samples(model, 2), LoraConfig(rank=2), train_config(steps=2, precision="bf16"))
+        assert all(math.isfinite(loss) for loss in run_collecting_losses(trainer))
+    fp8 = loading.load_diffusion_model(path, True, torch.float8_e4m3fn)[0]  # asked for: whatever the card
+    assert {parameter.dtype for parameter in fp8.model.diffusion_model.parameters()} == {torch.float8_e4m3fn}
+
+
 def read_safetensors(path: str) -> tuple[dict, dict]:
     with safetensors.safe_open(path, framework="pt") as file:
         return {key: file.get_tensor(key) for key in file.keys()}, file.metadata() or {}

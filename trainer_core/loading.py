@@ -1,5 +1,6 @@
 """The base model through ComfyUI's own loaders, for the Load Base Model node and the command line."""
 
+import comfy.model_management
 import comfy.sd
 import comfy.utils
 import safetensors
@@ -17,10 +18,23 @@ CLIP_TYPES = {
 }
 
 
+def storage_dtype(weight_dtype: torch.dtype | None) -> torch.dtype | None:
+    """How the diffusion model's weights are stored: `weight_dtype` where one is asked for (fp8), else bf16 where
+    the card computes in bf16, else None (ComfyUI's choice). ComfyUI runs SDXL and SD3 in fp16 where it can, and
+    a run trains under bf16 autocast (TrainConfig.precision), which would then cast every fp16 weight to bf16 at
+    each use, in the forward, each checkpoint's recompute and the backward: kernels and transient memory that
+    weights stored in bf16 do not need. Matmuls and convolutions see the same bf16 values either way."""
+    if weight_dtype is not None:
+        return weight_dtype
+    return torch.bfloat16 if comfy.model_management.should_use_bf16(comfy.model_management.get_torch_device()) else None
+
+
 def load_diffusion_model(path: str, is_checkpoint: bool, weight_dtype: torch.dtype | None, embeddings=None):
     """(MODEL, CLIP or None, VAE or None, family name) of a checkpoint, or of a diffusion-model file
-    (then CLIP and VAE are None). `weight_dtype` (e.g. fp8) is how the diffusion model's weights are stored."""
-    options = {"dtype": weight_dtype} if weight_dtype is not None else {}
+    (then CLIP and VAE are None). `weight_dtype` (e.g. fp8) is how the diffusion model's weights are stored;
+    None stores them as `storage_dtype` says."""
+    dtype = storage_dtype(weight_dtype)
+    options = {"dtype": dtype} if dtype is not None else {}
     clip = vae = None
     if is_checkpoint:
         loader = comfy.sd.load_checkpoint_guess_config
