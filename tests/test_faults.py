@@ -31,6 +31,7 @@ from test_graph import run, tiny_loader, trainer_events, training_graph, unique
 from tiny_models import MODEL_FACTORIES
 
 import trainer_core.job
+import trainer_core.trainer
 from trainer_core import export, headless
 from trainer_core.config import ConfigError, LoraConfig, SaveConfig, TrainConfig
 from trainer_core.job import JobHook, TrainingFailed, TrainingJob
@@ -471,6 +472,53 @@ def test_out_of_memory_in_a_step_saves_the_last_whole_step_and_names_the_setting
     second_half.run()
     expected, actual = weights_of(straight), weights_of(second_half)
     assert all(torch.equal(actual[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize("allocator_is_async", [False, True])
+def test_a_step_out_of_memory_under_cuda_malloc_async_runs_again_after_the_pool_is_trimmed(monkeypatch,
+                                                                                          allocator_is_async):
+    """cudaMallocAsync's pool (a ComfyUI server's allocator; said so here, there is no GPU) keeps what earlier
+    steps freed and does not give it back when the card is full, as PyTorch's own allocator does before it
+    raises. There a step that runs out of memory runs once more after the pool is trimmed, and the run is the
+    one that would have been, loss for loss and weight for weight; a second error in a row ends the run, as
+    any such error does under PyTorch's own allocator."""
+    monkeypatch.setattr(trainer_core.trainer, "under_cuda_malloc_async", lambda device: allocator_is_async)
+    trims = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: trims.append(trainer.state.step))
+    lora, config = LoraConfig(rank=4, alpha=4.0), train_config(steps=5, gradient_checkpointing=True, log_every=1)
+    patcher = MODEL_FACTORIES["sd3"]()
+    straight_losses = []
+    straight = trainer_for(patcher, lora, config)
+    straight.run(lambda _, reports: straight_losses.extend(report.loss for report in reports))
+    errors_left = 0
+
+    def out_of_memory_in_step_three(module, args):
+        nonlocal errors_left
+        if trainer.state.step == 2 and errors_left:
+            errors_left -= 1
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (stand-in)")
+
+    handle = patcher.model.diffusion_model.joint_blocks[1].register_forward_pre_hook(out_of_memory_in_step_three)
+    try:
+        errors_left, losses = 1, []
+        trainer = trainer_for(patcher, lora, config)
+        if not allocator_is_async:
+            with pytest.raises(torch.OutOfMemoryError):
+                trainer.run()
+            assert trainer.state.step == 2 and trims == []
+            return
+        trainer.run(lambda _, reports: losses.extend(report.loss for report in reports))
+        assert trims == [2] and losses == straight_losses
+        expected, actual = weights_of(straight), weights_of(trainer)
+        assert all(torch.equal(actual[k], expected[k]) for k in expected)
+
+        errors_left, trims[:] = 2, []
+        trainer = trainer_for(patcher, lora, config)
+        with pytest.raises(torch.OutOfMemoryError):
+            trainer.run()
+        assert trainer.state.step == 2 and trims == [2]
+    finally:
+        handle.remove()
 
 
 # -- row 14: a relative resume_from on the Train LoRA node -----------------------------------------------

@@ -594,7 +594,25 @@ class Trainer:
 
     def step(self) -> torch.Tensor:
         """One optimizer step over `gradient_accumulation` micro-batches; returns the mean loss
-        (a device tensor: reading it is left to whoever logs, to keep the step free of syncs)."""
+        (a device tensor: reading it is left to whoever logs, to keep the step free of syncs).
+
+        Under cudaMallocAsync (a ComfyUI server's allocator) a step that runs out of memory runs once more
+        after the pool is trimmed: that pool keeps what earlier steps freed in the sizes they were carved
+        (other buckets' activations, a preview's) and, unlike PyTorch's own allocator, does not give it back
+        and retry when the card is full. A failed step leaves no trace, so the second attempt draws the
+        same batch, noise and timesteps and the run is the one that would have been."""
+        try:
+            return self._step()
+        except torch.OutOfMemoryError:
+            if not under_cuda_malloc_async(self.device):
+                raise
+        # Here, after the failed attempt's exception is let go: its traceback held that attempt's memory.
+        log.warning("out of GPU memory in step %d under cudaMallocAsync; its pool gives back the memory earlier "
+                    "steps freed and the step runs again", self.state.step + 1)
+        torch.cuda.empty_cache()
+        return self._step()
+
+    def _step(self) -> torch.Tensor:
         cfg = self.config
         factor = lr_factor(self.state.step, cfg.schedule, cfg.warmup_steps, cfg.steps)
         for group, base in zip(self.optimizer.param_groups, self.group_learning_rates, strict=True):
