@@ -6,6 +6,10 @@ PY := $(VENV)/bin/python
 DEV_STAMP := $(VENV)/.dev-requirements-installed
 HOST_STAMP := .comfyui/.provisioned-0.3.75
 PYTEST_ARGS ?=
+# pytest-xdist workers: the suite runs in two processes (a 2-core machine: ~27 min alone, see README "Run the tests").
+# `make test PYTEST_WORKERS=0` runs it in one.
+PYTEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile
 DEMO_ARGS ?=
 CHROMIUM := /usr/bin/chromium
 
@@ -37,11 +41,11 @@ $(CHROMIUM):
 browser: $(CHROMIUM) $(DEV_STAMP)
 
 test: lint host browser
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PYTEST) $(PYTEST_ARGS)
 
 # Also the slow tests: full-width Flux and full-size SDXL through ComfyUI's real loaders.
 test-all: lint host browser
-	$(PY) -m pytest --run-slow $(PYTEST_ARGS)
+	$(PYTEST) --run-slow $(PYTEST_ARGS)
 
 # A tiny LoRA training run in a live ComfyUI with this pack (README, "Demo"). ComfyUI keeps running
 # until Ctrl+C; `make demo DEMO_ARGS=--exit` stops it when the run is done.

@@ -14,6 +14,10 @@ import torch
 # The tiny test models make many small ops; a second OpenMP thread only spin-waits against the
 # live server and other processes (10x slower steps were seen on 2 busy cores).
 torch.set_num_threads(1)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Under pytest-xdist every core already runs a worker: the processes the tests start (the live ComfyUI
+    # server, lora-train, torchrun's) take one thread each too, or their OpenMP threads spin against the workers.
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
