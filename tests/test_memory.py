@@ -74,9 +74,11 @@ def test_the_train_lora_node_holds_neither_encoders_nor_vae_while_it_trains(tmp_
     LoraConfig = importlib.import_module(f"{PACK_MODULE}.trainer_core.config").LoraConfig  # noqa: N806
     seen = loaded_at_each_step(monkeypatch, pack_trainer)
     model, clip, vae = MODEL_FACTORIES["flux_dev"](), tiny_encoders.build_clip("flux"), tiny_encoders.build_vae(16)
-    # Loaded as an earlier generation in the same ComfyUI would leave them.
-    vae.encode(torch.zeros(1, 64, 64, 3))
-    clip.encode_from_tokens(clip.tokenize("x"))
+    # Loaded as an earlier generation in the same ComfyUI would leave them (in inference mode, as ComfyUI runs
+    # nodes; the session's VAE may hold inference tensors from an earlier test's node).
+    with torch.inference_mode():
+        vae.encode(torch.zeros(1, 64, 64, 3))
+        clip.encode_from_tokens(clip.tokenize("x"))
     assert any(m.model.is_clone(clip.patcher) for m in comfy.model_management.current_loaded_models)
     dataset = DatasetConfig(folder=str(write_dataset(tmp_path / "data")), resolution=64)
     # The node's own defaults for what this test leaves as it is.
