@@ -14,10 +14,6 @@ import torch
 # The tiny test models make many small ops; a second OpenMP thread only spin-waits against the
 # live server and other processes (10x slower steps were seen on 2 busy cores).
 torch.set_num_threads(1)
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    # Under pytest-xdist every core already runs a worker: the processes the tests start (the live ComfyUI
-    # server, lora-train, torchrun's) take one thread each too, or their OpenMP threads spin against the workers.
-    os.environ["OMP_NUM_THREADS"] = "1"
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,7 +44,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+# Under pytest-xdist (`--dist loadfile`) a worker that runs out of work takes the next module in collection order.
+# The longest modules (a minute or more of a worker each) go first, so the short ones fill in at the end instead of
+# one worker finishing a long module alone.
+LONGEST_MODULES = ("test_graph.py", "test_bench.py", "test_cli.py", "test_text_encoder_lora.py", "test_adapters.py",
+                   "test_engine.py", "test_extras.py", "test_compile.py", "test_faults_input.py")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        rank = {name: i for i, name in enumerate(LONGEST_MODULES)}
+        items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each module keeps its order
     if config.getoption("--run-slow"):
         return
     skip_slow = pytest.mark.skip(reason="slow: run with --run-slow")
