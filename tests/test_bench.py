@@ -17,6 +17,13 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="module")
+def realrun_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One folder of realrun's tiny model files (`--models`) for the module's real runs: the first run writes them
+    through realrun's writers, the later ones load the same files (a writer child process fewer each)."""
+    return tmp_path_factory.mktemp("realrun-models")
+
+
 def test_the_benchmark_runs_both_trainers_in_smoke_mode(comfy_host: Path, tmp_path: Path) -> None:
     results = tmp_path / "bench.json"
     command = [sys.executable, "bench/bench.py", "--smoke", "--models", "flux", "--variants", "bf16",
@@ -33,12 +40,13 @@ def test_the_benchmark_runs_both_trainers_in_smoke_mode(comfy_host: Path, tmp_pa
 
 
 def test_the_real_run_bench_trains_through_both_entries_and_records_steps_phases_and_buckets(
-        comfy_host: Path, tmp_path: Path) -> None:
+        comfy_host: Path, tmp_path: Path, realrun_models: Path) -> None:
     """bench/realrun.py at its CPU scale (--tiny --cpu): files written through its writers and loaded by ComfyUI's
     loaders without a missing key, three aspect-ratio buckets, lora-train and a live ComfyUI server's Train LoRA."""
     work = tmp_path / "realrun"
     command = [sys.executable, "bench/realrun.py", "--tiny", "--cpu", "--card-gb", "8", "--entry", "both",
-               "--steps", "9", "--warmup", "2", "--sample-every", "4", "--save-every", "4", "--work", str(work)]
+               "--steps", "9", "--warmup", "2", "--sample-every", "4", "--save-every", "4", "--work", str(work),
+               "--models", str(realrun_models)]
     environment = os.environ | {"COMFYUI_PATH": str(comfy_host), "OMP_NUM_THREADS": "1"}
     finished = subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=1200)
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
@@ -161,13 +169,14 @@ def test_the_real_run_writes_sdxl_checkpoints_whole_on_every_host(comfy_host: Pa
     assert len(written) == len(unet) + len(vae) + len(encoders)
 
 
-def test_the_real_run_bench_with_dop_runs_each_configuration_without_and_with_it(comfy_host: Path,
-                                                                                  tmp_path: Path) -> None:
+def test_the_real_run_bench_with_dop_runs_each_configuration_without_and_with_it(comfy_host: Path, tmp_path: Path,
+                                                                                  realrun_models: Path) -> None:
     """`--dop` (differential output preservation's cost per step): two lora-train runs at the CPU scale, the second
     with train.diff_output_preservation on, and the table's line comparing their steady step times."""
     work = tmp_path / "realrun"
     command = [sys.executable, "bench/realrun.py", "--tiny", "--cpu", "--card-gb", "8", "--entry", "cli", "--dop",
-               "--steps", "5", "--warmup", "1", "--sample-every", "5", "--save-every", "5", "--work", str(work)]
+               "--steps", "5", "--warmup", "1", "--sample-every", "5", "--save-every", "5", "--work", str(work),
+               "--models", str(realrun_models)]
     environment = os.environ | {"COMFYUI_PATH": str(comfy_host), "OMP_NUM_THREADS": "1"}
     finished = subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=1200)
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
@@ -183,14 +192,14 @@ def test_the_real_run_bench_with_dop_runs_each_configuration_without_and_with_it
     assert f"- DOP, cli 8 GB: {dop:.3f} s/step against {plain:.3f} without: {dop - plain:+.3f} s per step" in table
 
 
-def test_the_device_queue_runs_a_line_once_across_calls_and_packs_its_results(comfy_host: Path,
-                                                                              tmp_path: Path) -> None:
+def test_the_device_queue_runs_a_line_once_across_calls_and_packs_its_results(comfy_host: Path, tmp_path: Path,
+                                                                              realrun_models: Path) -> None:
     """bench/device_queue.py as a GPU sitting runs it, here on realrun's CPU configuration, with the line
     `--optimizer adamw --square` (what the default 8-bit optimizer and the aspect-ratio buckets cost a step). The
     first call runs the line and packs its results; the second, on the same state as on a warm machine, skips it
     and leaves the line it has no time for."""
     line = ("tiny-adamw-square: --tiny --cpu --card-gb 8 --entry cli --optimizer adamw --square --steps 4 "
-            "--warmup 1 --sample-every 4 --save-every 4 --min-run-seconds 1")
+            f"--warmup 1 --sample-every 4 --save-every 4 --min-run-seconds 1 --models {realrun_models}")
     sitting = tmp_path / "sitting.txt"
     sitting.write_text(f"# the sitting's queue\n{line}\n")
     longer = tmp_path / "longer.txt"
