@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # pytest-xdist workers: the suite runs in two processes (a 2-core machine: ~27 min alone, see README "Run the tests").
 # `make test PYTEST_WORKERS=0` runs it in one.
 PYTEST_WORKERS ?= 2
-PYTEST := $(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile
+PYTEST := $(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
 DEMO_ARGS ?=
 CHROMIUM := /usr/bin/chromium
 

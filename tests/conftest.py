@@ -44,7 +44,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
-# Under pytest-xdist (`--dist loadfile`) a worker that runs out of work takes the next module in collection order.
+# Under pytest-xdist (`--dist loadfile --no-loadscope-reorder`, as `make test` runs it) a worker that runs out of work
+# takes the next module in collection order (xdist would otherwise put the modules of most tests first).
 # The longest modules (a minute or more of a worker each) go first, so the short ones fill in at the end instead of
 # one worker finishing a long module alone.
 LONGEST_MODULES = ("test_graph.py", "test_bench.py", "test_cli.py", "test_text_encoder_lora.py", "test_adapters.py",
