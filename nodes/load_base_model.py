@@ -31,7 +31,8 @@ class LoadBaseModelNode(io.ComfyNode):
                                tooltip="Used when no checkpoint is chosen."),
                 io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
                                tooltip="Storage of the diffusion model's weights. default: bf16 on cards that compute "
-                                       "in bf16 (as training does), else ComfyUI's choice; fp8 halves their memory."),
+                                       "in bf16 (as training does) unless the file is fp8, else ComfyUI's choice; "
+                                       "fp8 halves their memory."),
                 io.Combo.Input("text_encoder_1", options=_choices("text_encoders"), tooltip="clip_l."),
                 io.Combo.Input("text_encoder_2", options=_choices("text_encoders"),
                                tooltip="clip_g (SDXL, SD 3.5) or t5xxl (Flux)."),

@@ -11,7 +11,7 @@ import comfy.ops
 import comfy.sd
 import comfy.utils
 import pytest
-import safetensors
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 from tiny_encoders import clip_files
@@ -330,6 +330,22 @@ def test_load_base_model_stores_default_weights_in_bf16_where_the_card_computes_
         assert all(math.isfinite(loss) for loss in run_collecting_losses(trainer))
     fp8 = loading.load_diffusion_model(path, True, torch.float8_e4m3fn)[0]  # asked for: whatever the card
     assert {parameter.dtype for parameter in fp8.model.diffusion_model.parameters()} == {torch.float8_e4m3fn}
+
+
+def test_load_base_model_keeps_an_fp8_files_weights_in_fp8_by_default(monkeypatch, tmp_path):
+    """A file released in fp8 (flux1-dev-fp8 and the like) loaded with `default` stays as ComfyUI keeps it, in fp8
+    where the card computes in fp8 (as the H200 does; said so here, the CPU does not): stored in bf16 it would
+    take twice the memory."""
+    monkeypatch.setattr(comfy.model_management, "should_use_fp16", lambda *args, **kwargs: True)
+    monkeypatch.setattr(comfy.model_management, "should_use_bf16", lambda *args, **kwargs: True)
+    monkeypatch.setattr(comfy.model_management, "supports_fp8_compute", lambda *args, **kwargs: True)
+    tensors, metadata = read_safetensors(str(sd3_file()))
+    fp8_file = tmp_path / "tiny_sd3_fp8.safetensors"
+    safetensors.torch.save_file({key: tensor.to(torch.float8_e4m3fn) if key.startswith("model.diffusion_model.")
+                                 and tensor.is_floating_point() else tensor for key, tensor in tensors.items()},
+                                str(fp8_file), metadata)
+    model = loading.load_diffusion_model(str(fp8_file), True, None)[0]
+    assert {parameter.dtype for parameter in model.model.diffusion_model.parameters()} == {torch.float8_e4m3fn}
 
 
 def read_safetensors(path: str) -> tuple[dict, dict]:

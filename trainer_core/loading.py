@@ -18,22 +18,40 @@ CLIP_TYPES = {
 }
 
 
-def storage_dtype(weight_dtype: torch.dtype | None) -> torch.dtype | None:
-    """How the diffusion model's weights are stored: `weight_dtype` where one is asked for (fp8), else bf16 where
-    the card computes in bf16, else None (ComfyUI's choice). ComfyUI runs SDXL and SD3 in fp16 where it can, and
-    a run trains under bf16 autocast (TrainConfig.precision), which would then cast every fp16 weight to bf16 at
-    each use, in the forward, each checkpoint's recompute and the backward: kernels and transient memory that
-    weights stored in bf16 do not need. Matmuls and convolutions see the same bf16 values either way."""
+def storage_dtype(path: str, weight_dtype: torch.dtype | None) -> torch.dtype | None:
+    """How the diffusion model's weights in `path` are stored: `weight_dtype` where one is asked for (fp8); else
+    bf16 where the card computes in bf16 and the file holds 16- or 32-bit weights; else None (ComfyUI's choice,
+    which keeps an fp8 file's weights in fp8 where the card computes in fp8 or lacks the memory for 16 bits).
+    ComfyUI runs SDXL and SD3 in fp16 where it can, and a run trains under bf16 autocast (TrainConfig.precision),
+    which would then cast every fp16 weight to bf16 at each use, in the forward, each checkpoint's recompute and
+    the backward: kernels and transient memory that weights stored in bf16 do not need. Matmuls and
+    convolutions see the same bf16 values either way."""
     if weight_dtype is not None:
         return weight_dtype
+    stored = _stored_dtypes(path)
+    if not stored or stored & {"F8_E4M3", "F8_E5M2"}:
+        return None
     return torch.bfloat16 if comfy.model_management.should_use_bf16(comfy.model_management.get_torch_device()) else None
+
+
+def _stored_dtypes(path: str) -> set[str]:
+    """The dtypes of a safetensors file's tensors, from its header alone; empty for other files (a pickled
+    checkpoint says nothing without being loaded) and for a header that cannot be read (ComfyUI's loader then
+    says what is wrong with the file, as before)."""
+    if not path.lower().endswith((".safetensors", ".sft")):
+        return set()
+    try:
+        with safetensors.safe_open(path, framework="pt") as file:
+            return {file.get_slice(key).get_dtype() for key in file.keys()}
+    except (OSError, safetensors.SafetensorError):
+        return set()
 
 
 def load_diffusion_model(path: str, is_checkpoint: bool, weight_dtype: torch.dtype | None, embeddings=None):
     """(MODEL, CLIP or None, VAE or None, family name) of a checkpoint, or of a diffusion-model file
     (then CLIP and VAE are None). `weight_dtype` (e.g. fp8) is how the diffusion model's weights are stored;
     None stores them as `storage_dtype` says."""
-    dtype = storage_dtype(weight_dtype)
+    dtype = storage_dtype(path, weight_dtype)
     options = {"dtype": dtype} if dtype is not None else {}
     clip = vae = None
     if is_checkpoint:
