@@ -34,11 +34,15 @@ def storage_dtype(path: str, weight_dtype: torch.dtype | None) -> torch.dtype | 
     return torch.bfloat16 if comfy.model_management.should_use_bf16(comfy.model_management.get_torch_device()) else None
 
 
+def _is_safetensors(path: str) -> bool:
+    return path.lower().endswith((".safetensors", ".sft"))  # the names ComfyUI's loaders read as safetensors
+
+
 def _stored_dtypes(path: str) -> set[str]:
     """The dtypes of a safetensors file's tensors, from its header alone; empty for other files (a pickled
     checkpoint says nothing without being loaded) and for a header that cannot be read (ComfyUI's loader then
     says what is wrong with the file, as before)."""
-    if not path.lower().endswith((".safetensors", ".sft")):
+    if not _is_safetensors(path):
         return set()
     try:
         with safetensors.safe_open(path, framework="pt") as file:
@@ -84,6 +88,6 @@ def load_vae(path: str):
 def check_weights_file(path: str) -> None:
     """Raises if `path` is a safetensors file whose header cannot be read; reads only the header,
     so each file of a list can be told apart before the loader takes them all at once."""
-    if path.lower().endswith((".safetensors", ".sft")):
+    if _is_safetensors(path):
         with safetensors.safe_open(path, framework="pt"):
             pass
