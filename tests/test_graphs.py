@@ -13,13 +13,14 @@ real graphs run on the GPU in bench/bench.py (bench/NOTES.md §5).
 import contextlib
 import sys
 import weakref
-from types import SimpleNamespace
 
+import comfy.model_management
 import pytest
 import torch
 import torch.nn.functional as F
 from test_blockswap import deep_flux
 from test_engine import fixed_samples, train_config
+from tiny_encoders import build_vae
 from tiny_models import MODEL_FACTORIES, random_inputs
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
@@ -239,30 +240,110 @@ def test_a_swapped_run_replays_its_blocks_copies_and_trains_exactly_like_an_unsw
         torch.testing.assert_close(weights[key], value, rtol=0, atol=0)
 
 
-def test_a_preview_gets_the_recorded_steps_memory_and_the_steps_are_recorded_again_after_it(recorded_graphs,
-                                                                                             monkeypatch, tmp_path):
-    """A recorded step's pool holds its activations between steps; a preview's sampler and VAE need that
-    memory on a small card (SD3.5 Medium on 8 GB ran out of memory previewing beside it). The preview hook
-    releases the graphs first; the next steps record again and train as the eager run does."""
+def previewed_every_third_step(recorded_graphs, monkeypatch, tmp_path, unclaimed_beside_graphs: int, preview=None):
+    """A recorded SD3 run of 8 steps with a preview after steps 3 and 6, beside the eager run of the same
+    steps. The preview's sampler is a stand-in (no GPU); the memory it asks for is ComfyUI's estimate for the
+    real model and VAE, and the card's free memory is `unclaimed_beside_graphs` bytes (a GPU's answer).
+    Returns both runs' losses, the graph count each preview found, and how often a step was recorded."""
     patcher = MODEL_FACTORIES["sd3"]()
     samples = fixed_samples(patcher, 2)
-    at_preview = []
+    at_preview, recorded = [], []
 
-    def preview(patcher, vae, encoded, settings):
+    def counted_preview(patcher, vae, encoded, settings):
         at_preview.append(recorded_graphs[-1].graph_count)
-        return torch.zeros(1, 8, 8, 3)
+        return preview() if preview is not None else torch.zeros(1, 8, 8, 3)
 
-    monkeypatch.setattr(sampling, "sample_images", preview)
+    capture = GraphedSteps._capture
+    monkeypatch.setattr(GraphedSteps, "_capture", lambda self, *a: recorded.append(a[0]) or capture(self, *a))
+    monkeypatch.setattr(sampling, "sample_images", counted_preview)
     monkeypatch.setattr(sampling.comfy_compat, "unload_models", lambda models: None)
-    hook = sampling.SampleHook(SimpleNamespace(patcher=None), None, sampling.SampleSettings(("x",)), 3,
-                               tmp_path / "samples")
+    monkeypatch.setattr(sampling.comfy_compat, "device_memory_unclaimed", lambda device: unclaimed_beside_graphs)
+    hook = sampling.SampleHook(build_vae(16), None, sampling.SampleSettings(("x",)), 3, tmp_path / "samples")
     eager_losses, _ = trained(patcher, samples, "off", steps=8)
     losses, _ = trained(patcher, samples, "auto", steps=8, between_steps=lambda trainer: hook.on_step(trainer)
                         if trainer.state.step % 3 == 0 else None)
+    return losses, eager_losses, at_preview, recorded
+
+
+def sd3_preview_memory() -> int:
+    patcher = MODEL_FACTORIES["sd3"]()
+    return sampling.preview_memory(patcher, build_vae(16), sampling.SampleSettings(("x",)))
+
+
+def test_a_preview_on_a_full_card_gets_the_recorded_steps_memory_and_they_record_again_after_it(
+        recorded_graphs, monkeypatch, tmp_path):
+    """A recorded step's pool holds its activations between steps; a preview's sampler and VAE need that
+    memory on a small card (SD3.5 Medium on 8 GB ran out of memory previewing beside it). With less free than
+    the preview needs, the preview hook releases the graphs first; the next steps record again and train as
+    the eager run does."""
+    losses, eager_losses, at_preview, recorded = previewed_every_third_step(
+        recorded_graphs, monkeypatch, tmp_path, unclaimed_beside_graphs=sd3_preview_memory() - 1)
     # Recorded at step 2, released at the previews after steps 3 and 6, recorded again at steps 4 and 7.
     assert at_preview == [0, 0]
+    assert len(recorded) == 3
     assert recorded_graphs[-1].count_at_release == 1
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(eager_losses), rtol=0, atol=0)
+
+
+def test_a_preview_on_a_card_with_room_leaves_the_recorded_steps_alone(recorded_graphs, monkeypatch, tmp_path):
+    """Where the card has the preview's memory free beside the graphs, they keep theirs: the steps after the
+    preview replay at once instead of recording each bucket again (SDXL on 16 GB: 1.1-1.3 s per bucket and
+    preview). The replays after a preview train exactly as the eager run."""
+    losses, eager_losses, at_preview, recorded = previewed_every_third_step(
+        recorded_graphs, monkeypatch, tmp_path, unclaimed_beside_graphs=sd3_preview_memory())
+    assert at_preview == [1, 1]
+    assert len(recorded) == 1, "recorded once, at step 2, and replayed through both previews"
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(eager_losses), rtol=0, atol=0)
+
+
+def test_a_preview_out_of_memory_beside_the_recorded_steps_takes_their_memory_and_samples_again(
+        recorded_graphs, monkeypatch, tmp_path, caplog):
+    """ComfyUI's estimate can fall short of what a sampler takes. Out of memory beside the graphs (a stand-in
+    for the GPU running out while graphs hold their pool), the preview releases them and samples again: the
+    preview is saved and the run trains on as the eager run."""
+
+    def preview_that_needs_the_graphs_memory():
+        if recorded_graphs[-1].graph_count:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return torch.zeros(1, 8, 8, 3)
+
+    with caplog.at_level("WARNING", logger="trainer_core.sampling"):
+        losses, eager_losses, at_preview, recorded = previewed_every_third_step(
+            recorded_graphs, monkeypatch, tmp_path, unclaimed_beside_graphs=sd3_preview_memory(),
+            preview=preview_that_needs_the_graphs_memory)
+    assert at_preview == [1, 0, 1, 0]
+    assert len(recorded) == 3
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step000003_00.png", "step000006_00.png"]
+    assert sum("out of GPU memory previewing beside the recorded training steps" in r.message
+               for r in caplog.records) == 2
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(eager_losses), rtol=0, atol=0)
+
+
+def test_a_previews_memory_is_comfyuis_ask_for_its_sampler_or_its_vae_and_grows_with_its_size():
+    """The estimate the preview hook holds against the free memory: at least what ComfyUI keeps for inference
+    beside the VAE's weights, and larger for a larger preview (the sampler's and the decoder's memory grow with
+    the image's area)."""
+    patcher = MODEL_FACTORIES["sd3"]()
+    vae = build_vae(16)
+    small, large = (sampling.preview_memory(patcher, vae, sampling.SampleSettings(("x",), width=side, height=side))
+                    for side in (512, 1024))
+    floor = comfy.model_management.minimum_inference_memory() + vae.patcher.model_size()
+    assert floor < small < large
+    decode_1024 = vae.memory_used_decode([1, 16, 128, 128], vae.vae_dtype)
+    assert large >= decode_1024 + floor
+
+
+def test_the_memory_a_preview_can_have_beside_the_graphs_leaves_out_what_pytorch_holds(monkeypatch):
+    """ComfyUI counts memory PyTorch's cache holds unused as free; a graph's pool sits in that cache and
+    serves no one else, so the preview hook reckons with the driver's free memory alone. The driver's and the
+    allocator's answers are stand-ins here (no GPU): 3 GiB free on the card, 9 reserved, 5 of them in use."""
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (3 * gib, 16 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_stats", lambda device=None: {"active_bytes.all.current": 5 * gib,
+                                                                        "reserved_bytes.all.current": 9 * gib})
+    device = torch.device("cuda", 0)
+    assert comfy.model_management.get_free_memory(device) == 7 * gib
+    assert sampling.comfy_compat.device_memory_unclaimed(device) == 3 * gib
 
 
 def test_graphs_stay_off_where_a_step_cannot_be_one_graph():

@@ -182,6 +182,13 @@ def device_memory_available(device) -> int:
     return comfy.model_management.get_free_memory(device) - comfy.model_management.extra_reserved_memory()
 
 
+def device_memory_unclaimed(device) -> int:
+    """Bytes on `device` that nothing holds, PyTorch's cache included. ComfyUI counts what the cache holds
+    unused as free; a recorded CUDA graph's pool is in that cache and lends nothing to anyone else."""
+    free, held_unused_by_torch = comfy.model_management.get_free_memory(device, torch_free_too=True)
+    return free - held_unused_by_torch
+
+
 @contextlib.contextmanager
 def attention_kernel_priority(kernels: list):
     """Makes the host's own order of SDPA's kernels, where it keeps one, the run's (`kernels`), and gives the

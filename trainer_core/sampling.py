@@ -1,6 +1,7 @@
 """Preview images through ComfyUI's own samplers, for the Sample Preview node and for the
 periodic samples of a training run (where the LoRA is attached to the model's modules)."""
 
+import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from .ema import ema_weights
 from .families import family_for
 from .job import Event, JobHook
 
+log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SampleSettings:
@@ -79,10 +81,25 @@ def encode_prompts(clip, settings: SampleSettings, text_encoding=None) -> Encode
     return EncodedPrompts([encode(p) for p in settings.prompts], encode(settings.negative))
 
 
+def _latent_shape(patcher, settings: SampleSettings) -> list[int]:
+    channels = patcher.get_model_object("latent_format").latent_channels
+    return [1, channels, settings.height // 8, settings.width // 8]
+
+
+def preview_memory(patcher, vae, settings: SampleSettings) -> int:
+    """Bytes a preview needs free on the card beside the model, by ComfyUI's own estimates (what its loaders
+    ask to find free): the sampler's for cond and uncond in one batch, or the VAE's weights and decode,
+    whichever is more, plus what ComfyUI keeps for inference and for other programs (`--reserve-vram`)."""
+    latent = _latent_shape(patcher, settings)
+    sampler = patcher.model.memory_required([2, *latent[1:]])
+    decoder = vae.memory_used_decode(latent, vae.vae_dtype) + vae.patcher.model_size()
+    return int(max(sampler, decoder) + comfy.model_management.minimum_inference_memory()
+               + comfy.model_management.extra_reserved_memory())
+
+
 def sample_images(patcher, vae, encoded: EncodedPrompts, settings: SampleSettings) -> torch.Tensor:
     """One image per prompt, all from the same seed: (N, H, W, 3) floats in [0, 1]."""
-    channels = patcher.get_model_object("latent_format").latent_channels
-    empty = torch.zeros(1, channels, settings.height // 8, settings.width // 8)
+    empty = torch.zeros(_latent_shape(patcher, settings))
     images = []
     for positive in encoded.positives:
         noise = comfy.sample.prepare_noise(empty, settings.seed)
@@ -118,12 +135,12 @@ class SampleHook(JobHook):
         encoded = self.encoded
         if self.clip is not None and trainer.text_encoding is not None:
             encoded = encode_prompts(self.clip, self.settings, trainer.text_encoding)
-        # The recorded steps' memory (a step's activations) is the sampler's and the VAE's while they run.
-        trainer.release_graphs()
+        keep_graphs = self._room_beside_graphs(trainer)
+        if not keep_graphs:
+            # The recorded steps' memory (a step's activations) is the sampler's and the VAE's while they run.
+            trainer.release_graphs()
         try:
-            # With EMA on, previews show the average, as the saved LoRA will be.
-            with ema_weights(trainer):
-                images = sample_images(trainer.patcher, self.vae, encoded, self.settings)
+            images = self._sample(trainer, encoded, keep_graphs)
         except comfy.model_management.InterruptProcessingException:
             # ComfyUI's Cancel reached the sampler first, which cleared the flag on its way out.
             # Raise it again, so whoever watches the run cancels it the usual way (and saves).
@@ -145,3 +162,31 @@ class SampleHook(JobHook):
             files.append(str(path))
         prompts = list(self.settings.prompts)
         return [Event("sample", {"step": step, "images": images, "files": files, "prompts": prompts})]
+
+    def _room_beside_graphs(self, trainer) -> bool:
+        """Whether the recorded steps keep their memory through this preview: where the card has room for the
+        preview outside it, they replay right after it instead of each bucket recording again (about a
+        second each for SDXL, bench/NOTES.md §18)."""
+        if not trainer.holds_graphs:
+            return False
+        needed = preview_memory(trainer.patcher, self.vae, self.settings)
+        unclaimed = comfy_compat.device_memory_unclaimed(trainer.device)
+        keep = unclaimed >= needed
+        log.info("the preview needs about %.2f GiB free and %.2f GiB are: the recorded training steps %s",
+                 needed / 2**30, unclaimed / 2**30,
+                 "keep their memory" if keep else "give theirs to it and record again after it")
+        return keep
+
+    def _sample(self, trainer, encoded: EncodedPrompts, beside_graphs: bool) -> torch.Tensor:
+        try:
+            # With EMA on, previews show the average, as the saved LoRA will be.
+            with ema_weights(trainer):
+                return sample_images(trainer.patcher, self.vae, encoded, self.settings)
+        except torch.OutOfMemoryError:
+            if not beside_graphs:
+                raise
+            log.warning("out of GPU memory previewing beside the recorded training steps; they give their memory "
+                        "to the preview, which starts again")
+        # Outside the handler: its traceback would keep the failed attempt's memory.
+        trainer.release_graphs()
+        return self._sample(trainer, encoded, beside_graphs=False)

@@ -666,6 +666,11 @@ class Trainer:
             raise
         return loss.detach()
 
+    @property
+    def holds_graphs(self) -> bool:
+        """Whether recorded steps hold their memory between steps now (graphs.py)."""
+        return self._graphed is not None and self._graphed.graph_count > 0
+
     def release_graphs(self) -> None:
         """Gives back the recorded steps' memory for something else on the card between steps (a preview's
         sampler and VAE); each shape is recorded again at its next step."""
