@@ -272,7 +272,7 @@ def test_the_device_queue_refuses_a_line_it_cannot_run_before_any_gpu_time(tmp_p
             planned(text)
     # The repository's queues, which the next GPU sitting runs as they are.
     shipped = [device_queue.read_queue(path) for path in sorted((REPO_ROOT / "bench" / "queues").glob("*.txt"))]
-    assert len(shipped) == 3 and all(shipped)
+    assert len(shipped) == 5 and all(shipped)
     for lane in device_queue.plan_lanes(shipped, 1):
         for line in lane:
             device_queue.check_line(line)
