@@ -19,6 +19,7 @@ from .job import Event, JobHook
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class SampleSettings:
     """0 (or "") for cfg, steps, guidance, sampler and scheduler means the family's default."""
