@@ -57,7 +57,7 @@ class RunRecord:
         self.save_requested = False
         # Between "started" and the first step of a run whose blocks compile (minutes).
         self.compiling = False
-        # What the run says for its whole length (steps held back from CUDA graphs by ComfyUI's allocator); "".
+        # What the run says from its first step on (steps held back from CUDA graphs by ComfyUI's allocator); "".
         self.notice = ""
         # Events arrive on the node's thread, status requests on the server's.
         self._lock = threading.Lock()
@@ -73,9 +73,10 @@ class RunRecord:
         if kind == "started":
             self.step = data["step"]
             self.compiling = data["compiling"]
-            self.notice = data["notice"]
+            self.notice = ""
         elif kind == "step":
             self.compiling = False
+            self.notice = data["notice"]
             self.step = data["step"]
             for key in self.history:
                 self.history[key].append(data[key])

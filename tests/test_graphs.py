@@ -11,6 +11,7 @@ real graphs run on the GPU in bench/bench.py (bench/NOTES.md §5).
 """
 
 import contextlib
+import gc
 import sys
 import weakref
 
@@ -18,19 +19,24 @@ import comfy.model_management
 import pytest
 import torch
 import torch.nn.functional as F
-from test_blockswap import deep_flux
+from test_blockswap import blocks_of, deep_flux
 from test_engine import fixed_samples, train_config
 from tiny_encoders import build_vae
 from tiny_models import MODEL_FACTORIES, random_inputs
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
+import trainer_core.job
 import trainer_core.trainer
-from trainer_core import blockswap, sampling
+from trainer_core import blockswap, graphs, sampling
+from trainer_core.blockswap import tensor_bytes
 from trainer_core.config import ConfigError, LoraConfig
-from trainer_core.graphs import GraphedSteps, records_on
-from trainer_core.trainer import Sample, Trainer
+from trainer_core.graphs import GraphedSteps
+from trainer_core.job import TrainingJob
+from trainer_core.trainer import ALLOCATOR_NOTICE, Sample, Trainer
 
+# The property itself: the fixture below stands in for it, and the allocator's tests put it back.
+USES_CUDA_GRAPHS = Trainer.uses_cuda_graphs
 HOST_READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default}
 
 
@@ -201,20 +207,121 @@ def test_dropped_graphs_give_their_memory_back(recorded_graphs, monkeypatch):
     assert recorded_graphs[0].graph_count == 0
 
 
-def test_steps_are_not_recorded_under_the_cuda_malloc_async_allocator(monkeypatch):
-    """A ComfyUI server runs PyTorch's cudaMallocAsync allocator unless started with --disable-cuda-malloc; there a
-    recording that fails aborts the process when its memory is freed (seen on the GPU), so steps run eagerly."""
-    backend = "native"
-    monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: backend)
-    assert records_on(torch.device("cuda", 0)) and not records_on(torch.device("cpu"))
-    backend = "cudaMallocAsync"
-    assert not records_on(torch.device("cuda", 0))
+def under_cuda_malloc_async(monkeypatch, allocator: dict) -> None:
+    """Says the run's device allocates through cudaMallocAsync where `allocator["async"]` (a ComfyUI server's
+    default; there is no GPU here), and that it is a CUDA device steps may be recorded on."""
+    for module in (trainer_core.trainer, trainer_core.job, graphs):
+        monkeypatch.setattr(module, "under_cuda_malloc_async", lambda device: allocator["async"])
+    monkeypatch.setattr(Trainer, "may_record", property(lambda self: self.config.cuda_graphs == "auto"))
+    monkeypatch.setattr(Trainer, "uses_cuda_graphs", USES_CUDA_GRAPHS)
 
+
+def test_under_cuda_malloc_async_steps_are_recorded_only_with_every_block_on_the_card_and_room_for_the_pool(
+        recorded_graphs, monkeypatch):
+    """Under cudaMallocAsync a recording that fails ends the process when its memory is freed (a ComfyUI
+    server, seen on the GPU), and swapped steps failed to record there. So a step is recorded only where block
+    swap's plan finds every block on the card with room for the recorded step's memory on top of the pool's
+    (four sets of activations); elsewhere the run steps eagerly and its step events carry the notice that
+    names --disable-cuda-malloc. Under PyTorch's own allocator the same card records, swapped or not."""
+    allocator = {"async": True}
+    under_cuda_malloc_async(monkeypatch, allocator)
+    estimates = []
+    estimate_step = blockswap.estimate_step
+    monkeypatch.setattr(trainer_core.trainer, "estimate_step",
+                        lambda *args, **kwargs: estimates.append(estimate_step(*args, **kwargs)) or estimates[-1])
+    available = {"bytes": 1 << 40}
+    patchers = []
+    monkeypatch.setattr(trainer_core.trainer, "device_memory_available",
+                        lambda device: available["bytes"] - patchers[-1].loaded_size())
+
+    def run(allocator_is_async: bool, blocks_to_swap: int = -1) -> tuple[int, int | None, set[str]]:
+        """Blocks swapped, graphs the run held at its end (None: it made none) and its step events' notices."""
+        allocator["async"] = allocator_is_async
+        patchers.append(deep_flux())
+        config = train_config(steps=4, gradient_checkpointing=True, blocks_to_swap=blocks_to_swap, log_every=1)
+        trainer = Trainer(patchers[-1], fixed_samples(patchers[-1], 2), LoraConfig(rank=4), config)
+        made = len(recorded_graphs)
+        estimates.clear()
+        with TrainingJob(trainer) as job:
+            events = list(job.events())
+        job.result()
+        graph_count = recorded_graphs[-1].count_at_release if len(recorded_graphs) > made else None
+        return trainer.blocks_swapped, graph_count, {e.data["notice"] for e in events if e.kind == "step"}
+
+    assert run(True) == (0, 1, {""})
+    graphed, eager = estimates
+    activations = eager.activations // (1 + blockswap.ASYNC_POOL_ACTIVATIONS)
+    assert graphed.activations == 4 * activations, "the recorded step's own set on top of the pool's three"
+    blocks = [tensor_bytes(b) for b in blocks_of(deep_flux(), train_config(gradient_checkpointing=True))]
+
+    def card_for(activation_sets: float) -> int:
+        needed = eager.fixed - eager.activations + sum(blocks) + int(activation_sets * activations)
+        return int((needed + blockswap.MARGIN_BYTES) / (1 - blockswap.MARGIN_SHARE))
+
+    # Every block fits with three and a half sets: the pool's, not a recording's on top.
+    available["bytes"] = card_for(3.5)
+    assert run(True) == (0, None, {ALLOCATOR_NOTICE})
+    assert run(False) == (0, 1, {""})
+    # With one and a half sets a recorded step fits only with blocks swapped: recorded under PyTorch's allocator.
+    available["bytes"] = card_for(1.5)
+    swapped_native, graph_count, notices = run(False)
+    assert swapped_native > 0 and graph_count == 1 and notices == {""}
+    swapped_async, graph_count, notices = run(True)
+    assert swapped_async >= swapped_native and graph_count is None and notices == {ALLOCATOR_NOTICE}
+    # No plan looks at the memory where blocks_to_swap is set: nothing is recorded under cudaMallocAsync.
+    available["bytes"] = 1 << 40
+    assert run(True, blocks_to_swap=0) == (0, None, {ALLOCATOR_NOTICE})
+    assert run(False, blocks_to_swap=0) == (0, 1, {""})
+
+
+def test_under_cuda_malloc_async_what_a_failed_recording_made_is_never_freed(recorded_graphs, monkeypatch, caplog):
+    """A recording that fails halfway (out of memory in the backward, a gradient written) leaves memory that the
+    recording allocated in use as it ends. Under PyTorch's own allocator it is freed before the eager retry, which
+    needs it. Under cudaMallocAsync freeing the memory of a graph that never ran fails inside a destructor and
+    ends the process (a ComfyUI server, on the GPU; frees while the recording runs are part of it and safe), so
+    there none of it is freed, nor the gradients the recording wrote. Either way the run trains on as the
+    eager one does."""
+    allocator = {"async": False}
+    under_cuda_malloc_async(monkeypatch, allocator)
+    made, left_by_the_recording = [], []
+
+    class FullCard(Recording):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            # Fails in the backward once it has written a gradient, as an allocation would: the op makes nothing.
+            if any(p.grad is not None for p in recorded_graphs[-1].parameters):
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 214.00 MiB")
+            out = super().__torch_dispatch__(func, types, args, kwargs)
+            # New memory (not a view or in-place result), followed by its storage: views and aliases of one
+            # storage come and go.
+            if all(r.alias_info is None for r in func._schema.returns):
+                made.extend(weakref.ref(t.untyped_storage()) for t in tree_flatten(out)[0]
+                            if isinstance(t, torch.Tensor))
+            return out
+
+        def __exit__(self, *exc_info):
+            left_by_the_recording.extend(ref for ref in made if ref() is not None)
+            return super().__exit__(*exc_info)
+
+    monkeypatch.setattr(torch.cuda, "graph", FullCard)
     patcher = MODEL_FACTORIES["sd3"]()
-    trainer = Trainer(patcher, fixed_samples(patcher, 2), LoraConfig(rank=4), train_config())
-    for recordable in (True, False):
-        monkeypatch.setattr(trainer_core.trainer, "records_on", lambda device, answer=recordable: answer)
-        assert trainer.uses_cuda_graphs is recordable
+    samples = fixed_samples(patcher, 2)
+    eager_losses, _ = trained(patcher, samples, "off", steps=4)
+    kept_before = len(graphs._FAILED_RECORDINGS)
+    alive = {}
+    for allocator["async"] in (False, True):
+        made.clear()
+        left_by_the_recording.clear()
+        losses, _ = trained(patcher, samples, "auto", steps=4)
+        gc.collect()
+        assert left_by_the_recording
+        alive[allocator["async"]] = sum(ref() is not None for ref in left_by_the_recording) / len(left_by_the_recording)
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(eager_losses), rtol=0, atol=0)
+    assert caplog.text.count("out of GPU memory while recording the training step") == 2
+    assert alive == {False: 0, True: 1}
+    kept = graphs._FAILED_RECORDINGS[kept_before:]
+    assert len(kept) == 1 and isinstance(kept[0][0], torch.OutOfMemoryError)
+    assert any(g is not None for g in kept[0][1]), "the gradients the recording wrote are kept too"
+    del graphs._FAILED_RECORDINGS[kept_before:]
 
 
 def test_a_swapped_run_replays_its_blocks_copies_and_trains_exactly_like_an_unswapped_eager_one(recorded_graphs):

@@ -54,9 +54,9 @@ def event(kind: str, /, **data):
     return Event(kind, data)
 
 
-def step_event(step: int, loss: float, peak_vram_bytes: int | None = None, blocks_swapped: int = 0):
+def step_event(step: int, loss: float, peak_vram_bytes: int | None = None, blocks_swapped: int = 0, notice: str = ""):
     return event("step", step=step, total_steps=10, loss=loss, lr=1e-4, images_per_second=2.0, eta_seconds=3.0,
-                 elapsed_seconds=1.5, peak_vram_bytes=peak_vram_bytes, blocks_swapped=blocks_swapped)
+                 elapsed_seconds=1.5, peak_vram_bytes=peak_vram_bytes, blocks_swapped=blocks_swapped, notice=notice)
 
 
 # -- the run record ------------------------------------------------------------------------------------
@@ -67,9 +67,11 @@ def test_a_run_record_keeps_what_a_reloaded_page_needs(live_runs, tmp_path: Path
     run = live_runs.RunRecord("7", "my_lora", 10, job=None, output_dir=output, checkpoint_hook=None)
     sample_file = output / "my_lora" / "samples" / "step000002_00.png"
 
-    sent = [run.record(event("started", step=0, total_steps=10, compiling=True, notice="steps run without graphs"))]
+    sent = [run.record(event("started", step=0, total_steps=10, compiling=True))]
     assert run.snapshot()["compiling"] and run.snapshot()["status"] == "running"
-    sent += [run.record(step_event(1, 0.5)), run.record(step_event(2, 0.25))]
+    assert run.snapshot()["notice"] == "", "the notice comes with the steps, once the run has planned its memory"
+    sent += [run.record(step_event(1, 0.5, notice="steps run without graphs")),
+             run.record(step_event(2, 0.25, notice="steps run without graphs"))]
     sent.append(run.record(event("sample", step=2, images=torch.zeros(1, 8, 8, 3), files=[str(sample_file)],
                                  prompts=["a cat"])))
     sent.append(run.record(event("saved", kind="checkpoint", path=str(output / "x"), lora="y", step=2)))
@@ -314,13 +316,15 @@ def test_the_panel_follows_a_flux_run_reloads_stops_and_resumes(comfy_server: Co
         assert peak_cell.is_visible() and peak_cell.inner_text().split() == ["peak", "VRAM", "6.50", "GiB"]
         assert panel_data(page)["blocksSwapped"] == "16"
         assert swapped_cell.is_visible() and swapped_cell.inner_text().split() == ["blocks", "swapped", "16"]
-        # A run whose steps ComfyUI's default allocator (cudaMallocAsync) keeps from CUDA graphs says so for its
-        # whole length; this server's runs are on the CPU, so the page is handed such a run's start.
+        # A run whose steps ComfyUI's default allocator (cudaMallocAsync) keeps from CUDA graphs says so with its
+        # steps; this server's runs are on the CPU, so the page is handed such a run's start and first step.
         notice_line = page.locator(f"{PANEL} .lora-notice")
         assert finished["notice"] == "" and notice_line.is_hidden(), "a run with its steps recorded says nothing"
+        async_run = {"run_id": "under-cuda-malloc-async", "node": node, "step": 0, "total_steps": 5}
         page.evaluate("(detail) => window.comfyAPI.api.api.dispatchCustomEvent('lora_trainer.started', detail)",
-                      {"run_id": "under-cuda-malloc-async", "node": node, "step": 0, "total_steps": 5,
-                       "compiling": False, "notice": ALLOCATOR_NOTICE})
+                      async_run | {"compiling": False})
+        page.evaluate("(detail) => window.comfyAPI.api.api.dispatchCustomEvent('lora_trainer.step', detail)",
+                      cuda_step | async_run | {"step": 1, "notice": ALLOCATOR_NOTICE})
         assert wait_for_panel(page, "d.notice !== ''")["notice"] == ALLOCATOR_NOTICE
         assert notice_line.is_visible() and "--disable-cuda-malloc" in notice_line.inner_text()
         assert not page.errors, f"the page raised: {page.errors}"

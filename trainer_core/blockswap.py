@@ -135,16 +135,19 @@ def chosen_swap_count(block_bytes: Sequence[int], estimate: MemoryEstimate, batc
 
 
 def chosen_swap_plan(block_bytes: Sequence[int], graphed: MemoryEstimate | None, eager: MemoryEstimate,
-                     batch: str) -> tuple[int, bool]:
+                     batch: str, graphs_swap: bool = True) -> tuple[int, bool]:
     """How many blocks to swap, and whether steps record as CUDA graphs: by the `graphed` estimate (None: the
-    run does not record them) where its step fits with at most every block swapped; else by the `eager` one,
-    with graphs off. A card too small for a recorded step's pool beside the model's least trains as it can
-    eagerly (Flux fp8 on 8 GB: 6.5 GiB free, 5.9 GiB estimated for the graphed step without any block)."""
-    if graphed is not None and fits(block_bytes, len(block_bytes), graphed):
+    run does not record them) where its step fits with at most every block swapped (with none, where
+    `graphs_swap` is False: swapped steps are not recorded under cudaMallocAsync, graphs.py); else by the
+    `eager` one, with graphs off. A card too small for a recorded step's pool beside the model's least trains as
+    it can eagerly (Flux fp8 on 8 GB: 6.5 GiB free, 5.9 GiB estimated for the graphed step without any block)."""
+    most_swapped = len(block_bytes) if graphs_swap else 0
+    if graphed is not None and fits(block_bytes, most_swapped, graphed):
         return chosen_swap_count(block_bytes, graphed, batch), True
     if graphed is not None:
-        log.info("block swap (auto): a step recorded as a CUDA graph does not fit even with every block swapped; "
-                 "steps run eagerly")
+        log.info("block swap (auto): a step recorded as a CUDA graph does not fit %s; steps run eagerly",
+                 "even with every block swapped" if graphs_swap else "with every block on the card (under "
+                 "cudaMallocAsync only such a step is recorded)")
     return chosen_swap_count(block_bytes, eager, batch), False
 
 

@@ -24,16 +24,19 @@ log = logging.getLogger(__name__)
 
 def under_cuda_malloc_async(device: torch.device) -> bool:
     """Whether `device` allocates through PyTorch's cudaMallocAsync backend, which a ComfyUI server turns on
-    unless started with `--disable-cuda-malloc` (`lora-train` runs PyTorch's own caching allocator)."""
+    unless started with `--disable-cuda-malloc` (`lora-train` runs PyTorch's own caching allocator).
+
+    There a recording that fails must not be freed: the backend frees memory with `cudaFreeAsync`, which fails
+    for the memory of a graph that never ran, inside a tensor's destructor, and that ends the process (on the
+    H200 a swapped step's recording and a re-recording out of memory each took a ComfyUI server down; bench/
+    NOTES.md §14). So under it the trainer records only steps with every block on the card and room for the
+    pool (Trainer.uses_cuda_graphs), and what a failed recording made is kept for the process's life."""
     return device.type == "cuda" and torch.cuda.get_allocator_backend() == "cudaMallocAsync"
 
 
-def records_on(device: torch.device) -> bool:
-    """Whether steps on `device` can be recorded: on CUDA, under PyTorch's own caching allocator. Under
-    cudaMallocAsync freeing the memory of a recording that failed raises inside a destructor and aborts the
-    process: on the H200 a swapped step's recording ("invalid argument") and a re-recording out of memory
-    each took the whole ComfyUI server down (bench/NOTES.md §14)."""
-    return device.type == "cuda" and not under_cuda_malloc_async(device)
+# Under cudaMallocAsync, each failed recording's exception (its traceback holds the attempt's tensors) and the
+# gradients it made: never let go (see under_cuda_malloc_async). A run stops recording after one failure.
+_FAILED_RECORDINGS: list[tuple[BaseException, list[torch.Tensor | None]]] = []
 
 
 def _signature(tensors: list[torch.Tensor]) -> tuple:
@@ -100,18 +103,27 @@ class GraphedSteps:
         """The step recorded as a graph for this shape, or None where it cannot be (the run then steps eagerly)."""
         try:
             return self._capture(key, tensors)
-        except torch.OutOfMemoryError:
+        except torch.OutOfMemoryError as error:
             # Recording holds a step's activations in the graphs' pool; on a full card (a second bucket's
             # graph beside the first) the run goes on eagerly instead of failing.
+            self._keep_where_freeing_fails(error)
             log.warning("out of GPU memory while recording the training step as a CUDA graph; "
                         "graphs are dropped and steps run eagerly")
         except RuntimeError as error:
             # Something in the step cannot be recorded (a read on the host, an operation CUDA graphs do
             # not take): this run steps eagerly, as it would with cuda_graphs="off".
+            self._keep_where_freeing_fails(error)
             message = str(error).strip()
             log.warning("the training step could not be recorded as a CUDA graph, steps run eagerly: %s",
                         message.splitlines()[0] if message else type(error).__name__)
         return None
+
+    def _keep_where_freeing_fails(self, error: BaseException) -> None:
+        """Under cudaMallocAsync, keeps what the failed recording made from being freed (under_cuda_malloc_async):
+        its tensors, through the exception's traceback, and the gradients it wrote."""
+        devices = {p.device for p in self.parameters}
+        if any(under_cuda_malloc_async(device) for device in devices):
+            _FAILED_RECORDINGS.append((error, [p.grad for p in self.parameters]))
 
     def _eager(self, tensors) -> torch.Tensor:
         try:

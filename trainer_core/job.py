@@ -157,8 +157,7 @@ class TrainingJob:
             torch.cuda.reset_peak_memory_stats(trainer.device)
         # Before the first step, which can take minutes where blocks compile: say the run is on.
         self._events.put(Event("started", {"step": trainer.state.step, "total_steps": trainer.config.steps,
-                                           "compiling": trainer.compiles_blocks,
-                                           "notice": trainer.allocator_notice}))
+                                           "compiling": trainer.compiles_blocks}))
         try:
             out_of_memory = ""
             try:
@@ -268,6 +267,8 @@ class TrainingJob:
             "elapsed_seconds": now - self._started_at,
             "peak_vram_bytes": peak_vram_bytes(self.trainer.device),
             "blocks_swapped": self.trainer.blocks_swapped,
+            # Known once the session has planned its memory (whether steps are recorded).
+            "notice": self.trainer.allocator_notice,
         }
 
 

@@ -35,7 +35,7 @@ from .comfy_compat import device_memory_available
 from .config import BLOCKS_TO_SWAP_AUTO, ConfigError, LoraConfig, TrainConfig
 from .ema import LoraEma
 from .families import family_for
-from .graphs import GraphedSteps, records_on, under_cuda_malloc_async
+from .graphs import GraphedSteps, under_cuda_malloc_async
 from .lora import LoraNetwork
 from .loraplus import LR_RATIO, parameter_groups
 from .objective import masked, preservation_loss, split_terms
@@ -162,9 +162,9 @@ class RunState:
 
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-ALLOCATOR_NOTICE = ("steps run without CUDA graphs: ComfyUI runs PyTorch's cudaMallocAsync allocator, where a failed "
-                    "recording would end the server; start ComfyUI with --disable-cuda-malloc for faster, recorded "
-                    "steps")
+ALLOCATOR_NOTICE = ("steps run without CUDA graphs: under ComfyUI's default allocator (cudaMallocAsync) a step is "
+                    "recorded only where every block fits on the card with room for the allocator's pool; start "
+                    "ComfyUI with --disable-cuda-malloc for faster, recorded steps")
 
 
 def _addresses_of(*modules: torch.nn.Module) -> Callable[[], tuple]:
@@ -234,9 +234,10 @@ class Trainer:
         self._swapper: BlockSwapper | None = None
         self._loading_state: dict = {}
         # How many blocks the session swaps (blockswap.py; decided when it starts where blocks_to_swap is auto),
-        # and whether a recorded step's memory fits beside them (auto turns CUDA graphs off where it cannot).
+        # and whether a recorded step's memory fits beside them (auto turns CUDA graphs off where it cannot):
+        # None until a session has decided.
         self.blocks_swapped = 0
-        self._graphs_fit = True
+        self._graphs_fit: bool | None = None
 
     @property
     def device(self) -> torch.device:
@@ -268,6 +269,10 @@ class Trainer:
         compile_blocks = self.compiles_blocks
         blocks = self.family.checkpoint_blocks() if cfg.gradient_checkpointing or compile_blocks else []
         swapper = self._swapper = self._block_swapper(blocks)
+        if self._graphs_fit is None:
+            # No plan looked at the memory (blocks_to_swap set, no checkpoints): under cudaMallocAsync a recording
+            # that fails ends the process (graphs.py), so there only a plan that found room records.
+            self._graphs_fit = not under_cuda_malloc_async(self.device)
         if swapper is None:
             self._load_model()
         with torch.inference_mode(False), torch.enable_grad():
@@ -373,10 +378,13 @@ class Trainer:
                                  self.config.optimizer, batch_shape, text_tokens, self.family.compute_dtype(),
                                  available, pooled_activations)
 
-        eager_pool = ASYNC_POOL_ACTIVATIONS if under_cuda_malloc_async(self.device) else 0
-        count, self._graphs_fit = chosen_swap_plan([tensor_bytes(b) for b in blocks],
-                                                   estimate(GRAPH_POOL_ACTIVATIONS) if self.uses_cuda_graphs else None,
-                                                   estimate(eager_pool), f"batch {tuple(batch_shape)}")
+        under_async = under_cuda_malloc_async(self.device)
+        eager_pool = ASYNC_POOL_ACTIVATIONS if under_async else 0
+        # Under cudaMallocAsync a recorded step's memory comes on top of the pool's (graphs.py), and only steps
+        # with every block on the card are recorded.
+        graphed = estimate(GRAPH_POOL_ACTIVATIONS + eager_pool) if self.may_record else None
+        count, self._graphs_fit = chosen_swap_plan([tensor_bytes(b) for b in blocks], graphed, estimate(eager_pool),
+                                                   f"batch {tuple(batch_shape)}", graphs_swap=not under_async)
         return count
 
     @contextlib.contextmanager
@@ -403,11 +411,12 @@ class Trainer:
 
     @property
     def allocator_notice(self) -> str:
-        """What the run tells the user before its first step where the process's allocator keeps its steps from
-        being recorded as CUDA graphs ("" elsewhere): a ComfyUI server's cudaMallocAsync, under which a failed
-        recording would end the process (graphs.records_on). SDXL's eager steps through the node took 8x its
-        recorded ones on the H200 (bench/NOTES.md §15), so the node's panel says it too."""
-        if self.config.cuda_graphs == "auto" and under_cuda_malloc_async(self.device):
+        """What the run tells the user where the process's allocator kept its steps from being recorded as CUDA
+        graphs ("" elsewhere, and before a session has decided): a ComfyUI server's cudaMallocAsync, under which
+        only steps with every block on the card and room for the pool are recorded (graphs.py). SDXL's eager
+        steps through the node took 6-8x its recorded ones on the H200 (bench/NOTES.md §15), so the node's panel
+        says it too."""
+        if under_cuda_malloc_async(self.device) and self.may_record and self._graphs_fit is False:
             return ALLOCATOR_NOTICE
         return ""
 
@@ -434,19 +443,23 @@ class Trainer:
         return len(self.order.batch_shapes()) > 1 or len(token_shapes) > 1
 
     @property
-    def uses_cuda_graphs(self) -> bool:
-        """Whether steps replay as CUDA graphs (graphs.py): on CUDA, unless a step has more than
-        one backward (gradient accumulation), a gradient scaler (fp16) reads values on the host
-        between them, a subclass says its backward cannot be recorded (`records_graphs`), or LoRA
-        dropout draws masks that the checkpoints' recomputes must redraw alike (not verified in a
-        recorded graph), or `blocks_to_swap` auto found no room for a recorded step's memory, or the
-        process runs the cudaMallocAsync allocator (graphs.records_on). Swapped blocks are recorded with
-        their copies (blockswap.py)."""
+    def may_record(self) -> bool:
+        """Whether the run's steps can be recorded as CUDA graphs (graphs.py), memory aside: on CUDA, unless a
+        step has more than one backward (gradient accumulation), a gradient scaler (fp16) reads values on the
+        host between them, a subclass says its backward cannot be recorded (`records_graphs`), or LoRA dropout
+        draws masks that the checkpoints' recomputes must redraw alike (not verified in a recorded graph)."""
         cfg = self.config
         # Encoding captions reads tokens on the host in every step: no text-encoder training either.
-        return (cfg.cuda_graphs == "auto" and records_on(self.device) and cfg.gradient_accumulation == 1
+        return (cfg.cuda_graphs == "auto" and self.device.type == "cuda" and cfg.gradient_accumulation == 1
                 and not self.scaler.is_enabled() and self.records_graphs and self.lora_config.dropout == 0
-                and self.text_encoding is None and self._graphs_fit)
+                and self.text_encoding is None)
+
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        """Whether steps replay as CUDA graphs: where they may (`may_record`) and the session found room for a
+        recorded step's memory (`blocks_to_swap` auto; without a plan, under PyTorch's own allocator only).
+        Swapped blocks are recorded with their copies (blockswap.py), except under cudaMallocAsync."""
+        return self.may_record and bool(self._graphs_fit)
 
     @property
     def attention_kernels(self) -> list[SDPBackend]:

@@ -177,9 +177,11 @@ class TrainPanel {
       this.status = "running";
       this.total = data.total_steps;
       this.message.textContent = data.compiling ? COMPILING : "";
-      this.noticeText = data.notice ?? "";
+      this.noticeText = "";
     } else if (kind === "step") {
       if (this.message.textContent === COMPILING) this.message.textContent = "";
+      // A server from before notices sends none.
+      this.noticeText = data.notice ?? "";
       this.status = "running";
       this.total = data.total_steps;
       for (const key of Object.keys(this.history)) this.history[key].push(data[key]);
