@@ -5,8 +5,12 @@ that records its steps with the engine's GraphedSteps (trainer_core/graphs.py) l
 
 Each case runs in a process of its own with `PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync`, on a small
 stand-in for a training step (a frozen 4096-wide layer stack with a trained low-rank branch, two batch shapes),
-for eight steps whose losses are compared with an eager run's:
+for eight steps whose losses are compared with an eager run's, trained on a thread of its own as a ComfyUI server's
+prompt worker does (`records-on-the-main-thread` apart):
 - `records`: nothing fails; the steps replay.
+- `records-on-the-main-thread`: the same on the process's main thread.
+- `records-compiled`: the trained branch compiled by torch.compile (Triton kernels, as the engine's compiled
+  blocks are).
 - `out-of-memory-while-recording`: the recording asks for more than PyTorch's memory fraction allows (the
   simulated cards of bench/realrun.py cap the allocator so), in its backward, after gradients were written.
 - `out-of-memory-while-recording-freed`: the same, with what the failed recording made let go as under
@@ -18,7 +22,8 @@ for eight steps whose losses are compared with an eager run's:
   §14), which is why they are not recorded under this allocator.
 A case's result: its exit status (negative: the signal that ended it, -6 for an abort), whether it trained all
 its steps with the eager run's losses, what the engine logged, and the GPU's free memory before the first step
-and after the last (what a failed recording held). Written to `<out>/async-graphs.json` and printed.
+and after the last (what a failed recording held). Written to `<out>/async-graphs.json` and printed; each case's
+whole output to `<out>/async-graphs.log`.
 """
 
 import argparse
@@ -28,11 +33,12 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-CASES = ("records", "out-of-memory-while-recording", "out-of-memory-while-recording-freed",
-         "out-of-memory-at-first-replay", "host-read-while-recording")
+CASES = ("records", "records-on-the-main-thread", "records-compiled", "out-of-memory-while-recording",
+         "out-of-memory-while-recording-freed", "out-of-memory-at-first-replay", "host-read-while-recording")
 WIDTH = 4096
 LAYERS = 8
 RANK = 64
@@ -57,10 +63,16 @@ def run_case(case: str) -> dict:
     batches = [torch.randn(rows, WIDTH, device=device, dtype=torch.bfloat16) for rows in (2048, 1024) * (STEPS // 2)]
     failing = {"on": False, "extra": None}
 
+    def branch(hidden):
+        return (hidden.float() @ down @ up).to(hidden.dtype)
+
+    if case == "records-compiled":
+        branch = torch.compile(branch, dynamic=True)
+
     def forward_backward(x):
         hidden = x
         for weight in frozen:
-            hidden = torch.relu(hidden @ weight + (hidden.float() @ down @ up).to(hidden.dtype))
+            hidden = torch.relu(hidden @ weight + branch(hidden))
         loss = hidden.float().pow(2).mean()
         capturing = torch.cuda.is_current_stream_capturing()
         if failing["on"] and capturing and case == "host-read-while-recording":
@@ -112,8 +124,17 @@ def run_case(case: str) -> dict:
         status = ctypes.CDLL("libcuda.so.1").cuMemAlloc_v2(ctypes.byref(pointer), ctypes.c_size_t(hold))
         assert status == 0, f"cuMemAlloc: {status}"
         failing["bytes"] = 6 * GIB
-    failing["on"] = case != "records"
-    graphed = train(graphed=True)
+    failing["on"] = not case.startswith("records")
+    if case == "records-on-the-main-thread":
+        graphed = train(graphed=True)
+    else:
+        outcome = []
+        worker = threading.Thread(target=lambda: outcome.append(train(graphed=True)))
+        worker.start()
+        worker.join()
+        if not outcome:
+            raise RuntimeError("the training thread failed (its traceback is above)")
+        graphed = outcome[0]
     torch.cuda.synchronize()
     free_after, _ = torch.cuda.mem_get_info()
     return {"steps": len(graphed), "losses_equal": graphed == eager, "max_difference": max(
@@ -130,7 +151,7 @@ def main() -> None:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         print("RESULT " + json.dumps(run_case(args.case)), flush=True)
         return
-    results = []
+    results, logs = [], []
     environment = os.environ | {"PYTORCH_CUDA_ALLOC_CONF": "backend:cudaMallocAsync"}
     for case in CASES:
         child = subprocess.run([sys.executable, __file__, "--out", str(args.out), "--case", case], env=environment,
@@ -141,9 +162,11 @@ def main() -> None:
         logged = [line for line in output.splitlines() if line.startswith(("WARNING", "INFO", "terminate"))
                   or "Error" in line]
         results.append({"case": case, "exit_status": child.returncode, **result, "log": logged[-8:]})
-        print(json.dumps(results[-1]), flush=True)
+        logs.append(f"==== {case}: exit status {child.returncode}\n{output}")
+        print(json.dumps(results[-1])[:600], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "async-graphs.json").write_text(json.dumps(results, indent=1) + "\n")
+    (args.out / "async-graphs.log").write_text("\n".join(logs))
 
 
 if __name__ == "__main__":

@@ -221,7 +221,7 @@ def test_under_cuda_malloc_async_steps_are_recorded_only_with_every_block_on_the
     """Under cudaMallocAsync a recording that fails ends the process when its memory is freed (a ComfyUI
     server, seen on the GPU), and swapped steps failed to record there. So a step is recorded only where block
     swap's plan finds every block on the card with room for the recorded step's memory on top of the pool's
-    (four sets of activations); elsewhere the run steps eagerly and its step events carry the notice that
+    (four sets of activations), and none of its blocks compiled; elsewhere the run steps eagerly and its step events carry the notice that
     names --disable-cuda-malloc. Under PyTorch's own allocator the same card records, swapped or not."""
     allocator = {"async": True}
     under_cuda_malloc_async(monkeypatch, allocator)
@@ -272,6 +272,16 @@ def test_under_cuda_malloc_async_steps_are_recorded_only_with_every_block_on_the
     available["bytes"] = 1 << 40
     assert run(True, blocks_to_swap=0) == (0, None, {ALLOCATOR_NOTICE})
     assert run(False, blocks_to_swap=0) == (0, 1, {""})
+    # Compiled blocks (Triton kernels) failed to record under cudaMallocAsync on the GPU: the plan leaves them
+    # eager there, with room to spare. (Their plan alone: compiling on the CPU is not what is tested.)
+    monkeypatch.setattr(Trainer, "compiles_blocks", property(lambda self: True))
+    for allocator["async"] in (True, False):
+        patchers.append(deep_flux())
+        config = train_config(steps=1, gradient_checkpointing=True)
+        trainer = Trainer(patchers[-1], fixed_samples(patchers[-1], 2), LoraConfig(rank=4), config)
+        assert trainer._auto_swap_count(blocks_of(patchers[-1], config)) == 0
+        assert trainer.uses_cuda_graphs is not allocator["async"]
+        assert trainer.allocator_notice == (ALLOCATOR_NOTICE if allocator["async"] else "")
 
 
 def test_under_cuda_malloc_async_what_a_failed_recording_made_is_never_freed(recorded_graphs, monkeypatch, caplog):

@@ -14,6 +14,7 @@ warm-up a capture needs (compiled blocks compile, lazy CUDA state is made). All 
 share one memory pool; they never run at once.
 """
 
+import ctypes
 import logging
 from collections.abc import Callable
 
@@ -27,16 +28,21 @@ def under_cuda_malloc_async(device: torch.device) -> bool:
     unless started with `--disable-cuda-malloc` (`lora-train` runs PyTorch's own caching allocator).
 
     There a recording that fails must not be freed: the backend frees memory with `cudaFreeAsync`, which fails
-    for the memory of a graph that never ran, inside a tensor's destructor, and that ends the process (on the
-    H200 a swapped step's recording and a re-recording out of memory each took a ComfyUI server down; bench/
-    NOTES.md §14). So under it the trainer records only steps with every block on the card and room for the
-    pool (Trainer.uses_cuda_graphs), and what a failed recording made is kept for the process's life."""
+    for the memory of a graph that never ran, inside a tensor's destructor, and that ends the process (a ComfyUI
+    server, on the H200; bench/NOTES.md §14, §19). And recordings fail there that succeed under PyTorch's own
+    allocator: compiled blocks' Triton kernels ("CUDA driver error: invalid argument", after which they did
+    not launch eagerly either) and swapped steps. So under it the trainer records only steps of blocks not
+    compiled, with every block on the card and room for the pool (Trainer.uses_cuda_graphs), and what a failed
+    recording made is kept for the process's life."""
     return device.type == "cuda" and torch.cuda.get_allocator_backend() == "cudaMallocAsync"
 
 
 # Under cudaMallocAsync, each failed recording's exception (its traceback holds the attempt's tensors) and the
-# gradients it made: never let go (see under_cuda_malloc_async). A run stops recording after one failure.
+# gradients it made: never let go (see under_cuda_malloc_async). A run stops recording after one failure. The list
+# holds one reference more than anything gives back, so that the interpreter's teardown does not free them either
+# (an abort as the process ends, seen on the GPU).
 _FAILED_RECORDINGS: list[tuple[BaseException, list[torch.Tensor | None]]] = []
+ctypes.pythonapi.Py_IncRef(ctypes.py_object(_FAILED_RECORDINGS))
 
 
 def _signature(tensors: list[torch.Tensor]) -> tuple:
