@@ -31,6 +31,8 @@ import trainer_core.trainer
 from trainer_core import blockswap, graphs, sampling
 from trainer_core.blockswap import tensor_bytes
 from trainer_core.config import ConfigError, LoraConfig
+from trainer_core.families.flux import Flux
+from trainer_core.families.sd3 import SD3
 from trainer_core.graphs import GraphedSteps
 from trainer_core.job import TrainingJob
 from trainer_core.trainer import ALLOCATOR_NOTICE, Sample, Trainer
@@ -221,10 +223,13 @@ def test_under_cuda_malloc_async_steps_are_recorded_only_with_every_block_on_the
     """Under cudaMallocAsync a recording that fails ends the process when its memory is freed (a ComfyUI
     server, seen on the GPU), and swapped steps failed to record there. So a step is recorded only where block
     swap's plan finds every block on the card with room for the recorded step's memory on top of the pool's
-    (four sets of activations), and none of its blocks compiled; elsewhere the run steps eagerly and its step events carry the notice that
-    names --disable-cuda-malloc. Under PyTorch's own allocator the same card records, swapped or not."""
+    (four sets of activations), none of its blocks compiled, and of a family measured to record there (SDXL);
+    elsewhere the run steps eagerly and its step events carry the notice that names --disable-cuda-malloc. Under
+    PyTorch's own allocator the same card records, swapped or not."""
     allocator = {"async": True}
     under_cuda_malloc_async(monkeypatch, allocator)
+    # Flux's blocks plan here (several of them, as SDXL's on the GPU): said to be measured as SDXL is, but last.
+    monkeypatch.setattr(Flux, "records_under_cuda_malloc_async", True)
     estimates = []
     estimate_step = blockswap.estimate_step
     monkeypatch.setattr(trainer_core.trainer, "estimate_step",
@@ -272,6 +277,11 @@ def test_under_cuda_malloc_async_steps_are_recorded_only_with_every_block_on_the
     available["bytes"] = 1 << 40
     assert run(True, blocks_to_swap=0) == (0, None, {ALLOCATOR_NOTICE})
     assert run(False, blocks_to_swap=0) == (0, 1, {""})
+    # A family not measured to record under cudaMallocAsync steps eagerly there, with room to spare.
+    monkeypatch.setattr(Flux, "records_under_cuda_malloc_async", False)
+    assert run(True) == (0, None, {ALLOCATOR_NOTICE})
+    assert run(False) == (0, 1, {""})
+    monkeypatch.setattr(Flux, "records_under_cuda_malloc_async", True)
     # Compiled blocks (Triton kernels) failed to record under cudaMallocAsync on the GPU: the plan leaves them
     # eager there, with room to spare. (Their plan alone: compiling on the CPU is not what is tested.)
     monkeypatch.setattr(Trainer, "compiles_blocks", property(lambda self: True))
@@ -293,6 +303,7 @@ def test_under_cuda_malloc_async_what_a_failed_recording_made_is_never_freed(rec
     eager one does."""
     allocator = {"async": False}
     under_cuda_malloc_async(monkeypatch, allocator)
+    monkeypatch.setattr(SD3, "records_under_cuda_malloc_async", True)
     made, left_by_the_recording = [], []
 
     class FullCard(Recording):

@@ -32,9 +32,10 @@ def under_cuda_malloc_async(device: torch.device) -> bool:
     for the memory of a graph that never ran, inside a tensor's destructor, and that ends the process (a ComfyUI
     server, on the H200; bench/NOTES.md §14, §19). And recordings fail there that succeed under PyTorch's own
     allocator: compiled blocks' Triton kernels ("CUDA driver error: invalid argument", after which they did
-    not launch eagerly either) and swapped steps. So under it the trainer records only steps of blocks not
-    compiled, with every block on the card and room for the pool (Trainer.uses_cuda_graphs), and what a failed
-    recording made is kept for the process's life."""
+    not launch eagerly either), swapped steps, and a plain stack of bf16 matmuls with a low-rank branch, whose
+    backward invalidated its recording (bench/async_graphs.py). So under it the trainer records only the steps
+    of families measured to record there (SDXL), of blocks not compiled, with every block on the card and room
+    for the pool (Trainer.uses_cuda_graphs), and what a failed recording made is kept for the process's life."""
     return device.type == "cuda" and torch.cuda.get_allocator_backend() == "cudaMallocAsync"
 
 

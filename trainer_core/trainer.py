@@ -162,9 +162,9 @@ class RunState:
 
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-ALLOCATOR_NOTICE = ("steps run without CUDA graphs: under ComfyUI's default allocator (cudaMallocAsync) a step is "
-                    "recorded only where its blocks are not compiled and all fit on the card with room for the "
-                    "allocator's pool; start ComfyUI with --disable-cuda-malloc for faster, recorded steps")
+ALLOCATOR_NOTICE = ("steps run without CUDA graphs: under ComfyUI's default allocator (cudaMallocAsync) only SDXL "
+                    "steps whose blocks all fit on the card with room for the allocator's pool are recorded; start "
+                    "ComfyUI with --disable-cuda-malloc for faster, recorded steps")
 
 
 def _addresses_of(*modules: torch.nn.Module) -> Callable[[], tuple]:
@@ -380,9 +380,10 @@ class Trainer:
 
         under_async = under_cuda_malloc_async(self.device)
         eager_pool = ASYNC_POOL_ACTIVATIONS if under_async else 0
-        # Under cudaMallocAsync (graphs.py) only steps of blocks not compiled, every one on the card, are recorded,
-        # and a recorded step's memory comes on top of the pool's.
-        recordable = self.may_record and not (under_async and self.compiles_blocks)
+        # Under cudaMallocAsync (graphs.py) only steps of blocks not compiled, every one on the card, of a family
+        # measured to record there, are recorded, and a recorded step's memory comes on top of the pool's.
+        recordable = self.may_record and not (under_async and (self.compiles_blocks
+                                                               or not self.family.records_under_cuda_malloc_async))
         graphed = estimate(GRAPH_POOL_ACTIVATIONS + eager_pool) if recordable else None
         count, self._graphs_fit = chosen_swap_plan([tensor_bytes(b) for b in blocks], graphed, estimate(eager_pool),
                                                    f"batch {tuple(batch_shape)}", graphs_swap=not under_async)
@@ -414,7 +415,7 @@ class Trainer:
     def allocator_notice(self) -> str:
         """What the run tells the user where the process's allocator kept its steps from being recorded as CUDA
         graphs ("" elsewhere, and before a session has decided): a ComfyUI server's cudaMallocAsync, under which
-        only steps of blocks not compiled, all on the card with room for the pool, are recorded (graphs.py).
+        only SDXL's steps of blocks not compiled, all on the card with room for the pool, are recorded (graphs.py).
         SDXL's eager steps through the node took 6-8x its recorded ones on the H200 (bench/NOTES.md §15), so the
         node's panel says it too."""
         if under_cuda_malloc_async(self.device) and self.may_record and self._graphs_fit is False:
@@ -460,7 +461,8 @@ class Trainer:
         """Whether steps replay as CUDA graphs: where they may (`may_record`) and the session found room for a
         recorded step's memory (`blocks_to_swap` auto; without a plan, under PyTorch's own allocator only).
         Swapped blocks are recorded with their copies (blockswap.py), except under cudaMallocAsync, where compiled
-        blocks are not recorded either (graphs.py)."""
+        blocks and families not measured there (`Family.records_under_cuda_malloc_async`) are not recorded either
+        (graphs.py)."""
         return self.may_record and bool(self._graphs_fit)
 
     @property

@@ -37,6 +37,9 @@ class Family:
     # `transformer_index` and `block` from its options), each block keeps a code object of its own,
     # so no call walks the variants of its class's other blocks.
     blocks_share_compiled_code: bool = True
+    # Whether steps are recorded as CUDA graphs under cudaMallocAsync (a ComfyUI server's default allocator), where
+    # a recording that fails can end the process (graphs.py): only where it was measured to record on the GPU.
+    records_under_cuda_malloc_async: bool = False
 
     def __init__(self, model, config: TrainConfig):
         self.model = model

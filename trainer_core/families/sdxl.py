@@ -22,6 +22,9 @@ class SDXL(Family):
     # it eager and "on" compiles it. Measured before CUDA graphs, which took eager steps to 0.156 s (§5).
     compile_pays = False
     blocks_share_compiled_code = False
+    # Through the Train LoRA node on the H200 with ComfyUI's default allocator: recorded on 12, 16 and 24 GB cards,
+    # 0.152 s a step against 0.9-1.5 s eager (bench/NOTES.md §19; also 8 GB on 0.3.75, seventh session).
+    records_under_cuda_malloc_async = True
 
     @classmethod
     def matches(cls, model) -> bool:
