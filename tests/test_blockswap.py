@@ -512,22 +512,29 @@ def test_auto_reads_the_free_memory_says_how_many_it_swaps_and_the_run_reports_i
     assert len(unloads) == (0 if expected == 0 else 2)
 
 
+def planned_memory(monkeypatch) -> tuple[list[MemoryEstimate], dict, list]:
+    """What `auto` plans with, in the test's hands: the estimates it makes (listed as made), and the memory it
+    counts as available, `available["bytes"]`: the free memory and what ComfyUI has of the model on the device
+    (the newest of `patchers`, which the test appends its patchers to), the free memory set so that the sum is
+    that (1 TiB at first)."""
+    estimates = []
+    estimate_step = blockswap.estimate_step
+    monkeypatch.setattr(trainer_core.trainer, "estimate_step",
+                        lambda *args, **kwargs: estimates.append(estimate_step(*args, **kwargs)) or estimates[-1])
+    available = {"bytes": 1 << 40}
+    patchers = []
+    monkeypatch.setattr(trainer_core.trainer, "device_memory_available",
+                        lambda device: available["bytes"] - patchers[-1].loaded_size())
+    return estimates, available, patchers
+
+
 def test_under_cuda_malloc_async_auto_plans_the_pools_memory_and_swaps_more(monkeypatch, caplog):
     """A ComfyUI server allocates through cudaMallocAsync, whose pool kept up to twice a step's activations beyond
     the live memory on the GPU (the node ran out of memory at the eager estimate, and SD3.5 Large on 12 GB at the
     eager estimate and one more set): there `auto` counts the activations three times though the steps are not
     recorded. Here (no GPU) the allocator is said to be cudaMallocAsync, and the free memory is set between what
     the eager estimate and one more set of activations need with nothing swapped and what the pooled one needs."""
-    estimates = []
-    estimate_step = blockswap.estimate_step
-    monkeypatch.setattr(trainer_core.trainer, "estimate_step",
-                        lambda *args, **kwargs: estimates.append(estimate_step(*args, **kwargs)) or estimates[-1])
-    # What the run counts as available: the free memory and what ComfyUI has of the model on the device. The
-    # free memory is set so that the sum is `available`.
-    available = {"bytes": 1 << 40}
-    patchers = []
-    monkeypatch.setattr(trainer_core.trainer, "device_memory_available",
-                        lambda device: available["bytes"] - patchers[-1].loaded_size())
+    estimates, available, patchers = planned_memory(monkeypatch)
 
     def swapped(allocator_is_async: bool) -> int:
         monkeypatch.setattr(trainer_core.trainer, "under_cuda_malloc_async", lambda device: allocator_is_async)

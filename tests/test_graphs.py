@@ -19,7 +19,7 @@ import comfy.model_management
 import pytest
 import torch
 import torch.nn.functional as F
-from test_blockswap import blocks_of, deep_flux
+from test_blockswap import blocks_of, deep_flux, planned_memory
 from test_engine import fixed_samples, train_config
 from tiny_encoders import build_vae
 from tiny_models import MODEL_FACTORIES, random_inputs
@@ -230,14 +230,7 @@ def test_under_cuda_malloc_async_steps_are_recorded_only_with_every_block_on_the
     under_cuda_malloc_async(monkeypatch, allocator)
     # Flux's blocks plan here (several of them, as SDXL's on the GPU): said to be measured as SDXL is, but last.
     monkeypatch.setattr(Flux, "records_under_cuda_malloc_async", True)
-    estimates = []
-    estimate_step = blockswap.estimate_step
-    monkeypatch.setattr(trainer_core.trainer, "estimate_step",
-                        lambda *args, **kwargs: estimates.append(estimate_step(*args, **kwargs)) or estimates[-1])
-    available = {"bytes": 1 << 40}
-    patchers = []
-    monkeypatch.setattr(trainer_core.trainer, "device_memory_available",
-                        lambda device: available["bytes"] - patchers[-1].loaded_size())
+    estimates, available, patchers = planned_memory(monkeypatch)
 
     def run(allocator_is_async: bool, blocks_to_swap: int = -1) -> tuple[int, int | None, set[str]]:
         """Blocks swapped, graphs the run held at its end (None: it made none) and its step events' notices."""
