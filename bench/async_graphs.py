@@ -61,7 +61,7 @@ def run_case(case: str) -> dict:
     up = torch.nn.Parameter(torch.zeros(RANK, WIDTH, device=device))
     parameters = [down, up]
     batches = [torch.randn(rows, WIDTH, device=device, dtype=torch.bfloat16) for rows in (2048, 1024) * (STEPS // 2)]
-    failing = {"on": False, "extra": None}
+    failing = {"on": False}
 
     def branch(hidden):
         return (hidden.float() @ down @ up).to(hidden.dtype)
@@ -79,8 +79,8 @@ def run_case(case: str) -> dict:
             loss.item()
         if failing["on"] and capturing and case == "out-of-memory-at-first-replay":
             # Memory the eager step never needed, freed inside the recording: only its first run asks for it.
-            failing["extra"] = torch.empty(failing["bytes"], dtype=torch.uint8, device=device)
-            failing["extra"] = None
+            extra = torch.empty(failing["bytes"], dtype=torch.uint8, device=device)
+            del extra
         loss.backward()
         if failing["on"] and capturing and case.startswith("out-of-memory-while-recording"):
             torch.empty(failing["bytes"], dtype=torch.uint8, device=device)  # past the fraction: raises
